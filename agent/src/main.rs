@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("nixq-agent: not implemented yet");
+    std::process::exit(1);
+}

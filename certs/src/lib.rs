@@ -1,0 +1,1 @@
+//! nixq-certs: the deployment CA and the agent and master certificates.

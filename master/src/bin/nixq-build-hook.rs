@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("nixq-build-hook: not implemented yet");
+    std::process::exit(1);
+}

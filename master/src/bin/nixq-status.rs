@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("nixq-status: not implemented yet");
+    std::process::exit(1);
+}
