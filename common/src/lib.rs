@@ -11,7 +11,9 @@
 //! | [`machines`]  | Nix's machines file with `nixq://` URIs; the choice rule       | pure  |
 //! | [`proto`]     | nixq's own wire protocol between master and agent              | pure  |
 //! | [`daemon`]    | Nix daemon worker protocol: wire primitives, stderr loop (pure), async client (tokio) | client does I/O |
+//! | [`store`]     | Nix's per-path locks and batch `--register-validity` (the route that works while Nix holds locks) | files, processes |
 //! | [`path_info`] | `PathInfo` (references, NAR hash and size, deriver, sigs, ca) and closure ordering | pure |
+//! | [`telemetry`] | tracing subscriber setup, text or JSON                         | stderr |
 //! | [`tls`]       | rustls mutual-TLS configs from PEM files                        | reads files |
 //! | [`net`]       | quinn endpoints with transport settings for bulk transfer       | sockets |
 //!
@@ -25,5 +27,7 @@ pub mod nar;
 pub mod net;
 pub mod path_info;
 pub mod proto;
+pub mod store;
 pub mod store_path;
+pub mod telemetry;
 pub mod tls;

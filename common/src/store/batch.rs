@@ -1,0 +1,218 @@
+//! Batches validity registrations: many restored paths, one
+//! `nix-store --register-validity` call.
+//!
+//! Every received path becomes valid only through here. Callers submit a
+//! [`Registration`] once its NAR is restored and checked and every reference
+//! is either valid already or submitted earlier; the batcher runs one
+//! registration at a time, so a path and its references always land in the
+//! same call or in calls that follow each other. A batch is whatever has
+//! queued up while the previous call ran (up to [`MAX_BATCH`]), so a burst
+//! of small paths costs a few calls instead of one per path, and a lone path
+//! is not delayed.
+//!
+//! If a batch fails, its entries are retried one by one, so one bad entry
+//! fails alone.
+
+use std::collections::{HashMap, HashSet};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::register::{register_validity, Registration};
+use crate::store_path::StorePath;
+
+/// Most paths in one `nix-store` call: bounds the stdin text (a few hundred
+/// KiB) and the time a single failed batch takes to retry one by one.
+pub const MAX_BATCH: usize = 2000;
+
+/// Depth of the submission queue; submitters wait when it is full.
+const QUEUE_DEPTH: usize = 4096;
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Handle to the batching task. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RegistrationBatcher {
+    tx: mpsc::Sender<(Registration, Reply)>,
+}
+
+/// Why a submitted path was not registered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    #[error("registering {path} failed: {message}")]
+    Failed { path: StorePath, message: String },
+    #[error("the registration task has stopped")]
+    Stopped,
+}
+
+impl RegistrationBatcher {
+    /// Start the batching task on the current tokio runtime. `nix_store` is
+    /// the program run for each batch.
+    pub fn spawn(nix_store: String) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        tokio::spawn(run(nix_store, rx));
+        Self { tx }
+    }
+
+    /// Register one path; resolves when it is valid (or failed).
+    pub async fn register(&self, reg: Registration) -> Result<(), BatchError> {
+        let path = reg.path.clone();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((reg, reply))
+            .await
+            .map_err(|_| BatchError::Stopped)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(BatchError::Failed { path, message }),
+            Err(_) => Err(BatchError::Stopped),
+        }
+    }
+}
+
+async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let (regs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let order = references_first(&regs);
+        let ordered: Vec<Registration> = order.iter().map(|&i| regs[i].clone()).collect();
+        let results = register_batch(&nix_store, &ordered).await;
+        let mut by_index: Vec<Option<Result<(), String>>> = vec![None; regs.len()];
+        for (&i, result) in order.iter().zip(results) {
+            by_index[i] = Some(result);
+        }
+        for (reply, result) in replies.into_iter().zip(by_index) {
+            let _ = reply.send(result.unwrap_or_else(|| Err("lost in batch".to_owned())));
+        }
+    }
+}
+
+/// Indices of `regs` in an order where every path comes after those of its
+/// references that are in the batch. Submission order already nearly has
+/// this property; a reference cycle (impossible for valid store paths apart
+/// from self-references) keeps submission order.
+fn references_first(regs: &[Registration]) -> Vec<usize> {
+    let index: HashMap<&StorePath, usize> =
+        regs.iter().enumerate().map(|(i, r)| (&r.path, i)).collect();
+    let mut state = vec![0u8; regs.len()]; // 0 new, 1 visiting, 2 done
+    let mut order = Vec::with_capacity(regs.len());
+    for root in 0..regs.len() {
+        // Iterative depth-first search: (node, next reference to look at).
+        let mut stack = vec![(root, 0usize)];
+        while let Some((node, next)) = stack.pop() {
+            if next == 0 {
+                if state[node] != 0 {
+                    continue;
+                }
+                state[node] = 1;
+            }
+            let refs = &regs[node].references;
+            let child = refs[next.min(refs.len())..]
+                .iter()
+                .position(|r| index.get(r).is_some_and(|&c| state[c] == 0))
+                .map(|off| next + off);
+            match child {
+                Some(c) => {
+                    stack.push((node, c + 1));
+                    stack.push((index[&refs[c]], 0));
+                }
+                None => {
+                    state[node] = 2;
+                    order.push(node);
+                }
+            }
+        }
+    }
+    order
+}
+
+async fn register_batch(nix_store: &str, regs: &[Registration]) -> Vec<Result<(), String>> {
+    let batch_err = match register_validity(nix_store, regs).await {
+        Ok(()) => return vec![Ok(()); regs.len()],
+        Err(e) => e,
+    };
+    if regs.len() == 1 {
+        return vec![Err(batch_err.to_string())];
+    }
+    let mut out = Vec::with_capacity(regs.len());
+    let mut failed: HashSet<&StorePath> = HashSet::new();
+    for reg in regs {
+        if let Some(bad) = reg.references.iter().find(|r| failed.contains(r)) {
+            out.push(Err(format!("its reference {bad} could not be registered")));
+            failed.insert(&reg.path);
+            continue;
+        }
+        match register_validity(nix_store, std::slice::from_ref(reg)).await {
+            Ok(()) => out.push(Ok(())),
+            Err(e) => {
+                failed.insert(&reg.path);
+                out.push(Err(e.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::NarHash;
+
+    fn reg(name: &str, refs: &[&str]) -> Registration {
+        let p = |n: &str| {
+            StorePath::parse_any(&format!("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-{n}"))
+                .expect("valid")
+        };
+        Registration {
+            path: p(name),
+            nar_hash: NarHash::of(name.as_bytes()),
+            nar_size: 8,
+            deriver: None,
+            references: refs.iter().map(|r| p(r)).collect(),
+        }
+    }
+
+    #[test]
+    fn references_come_first() {
+        // c -> b -> a, d -> a, self-reference on b, e outside the batch.
+        let regs = vec![
+            reg("c", &["b", "e"]),
+            reg("d", &["a"]),
+            reg("b", &["a", "b"]),
+            reg("a", &[]),
+        ];
+        let order = references_first(&regs);
+        let pos = |name: &str| {
+            order
+                .iter()
+                .position(|&i| regs[i].path.name() == name)
+                .expect("present")
+        };
+        assert_eq!(order.len(), 4);
+        assert!(pos("a") < pos("b") && pos("b") < pos("c") && pos("a") < pos("d"));
+    }
+
+    #[test]
+    fn long_chain_does_not_recurse() {
+        let names: Vec<String> = (0..20_000).map(|i| format!("p{i}")).collect();
+        let regs: Vec<Registration> = (0..names.len())
+            .rev()
+            .map(|i| {
+                let refs: Vec<&str> = if i > 0 {
+                    vec![names[i - 1].as_str()]
+                } else {
+                    vec![]
+                };
+                reg(&names[i], &refs)
+            })
+            .collect();
+        let order = references_first(&regs);
+        assert_eq!(regs[order[0]].path.name(), "p0");
+        assert_eq!(regs[order[order.len() - 1]].path.name(), "p19999");
+    }
+}
