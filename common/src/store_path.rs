@@ -398,10 +398,7 @@ mod tests {
             0x78, 0x52, 0xb8, 0x55,
         ];
         let text = nix32::encode(&empty);
-        assert_eq!(
-            text,
-            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
+        assert_eq!(text, "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
         assert_eq!(nix32::decode(&text, 32).expect("decodes"), empty);
     }
 
