@@ -16,6 +16,7 @@
 //! | [`telemetry`] | tracing subscriber setup, text or JSON                         | stderr |
 //! | [`tls`]       | rustls mutual-TLS configs from PEM files                        | reads files |
 //! | [`net`]       | quinn endpoints with transport settings for bulk transfer       | sockets |
+//! | [`transfer`]  | store paths as NAR bodies on streams: send (dump → zstd → stream), receive (stream → restore under lock → register) | stream, store, threads |
 //!
 //! Byte-level facts about Nix cite `shared/docs/nix-interfaces.md` by section (§N).
 
@@ -31,3 +32,4 @@ pub mod store;
 pub mod store_path;
 pub mod telemetry;
 pub mod tls;
+pub mod transfer;

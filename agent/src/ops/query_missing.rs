@@ -1,0 +1,106 @@
+//! QueryMissing: which paths of a closure the agent lacks, claiming them
+//! for this connection if asked.
+//!
+//! ```text
+//! master → Request::QueryMissing(QueryMissing { claim })
+//!          PathBatch { paths, last: false }… PathBatch { paths, last: true }
+//! agent  → QueryMissingReply::States([Valid | Missing | InFlight; one per path])  per batch, in order
+//! ```
+//!
+//! `Valid` paths become temp roots of this connection. With `claim`, each
+//! `Missing` path is claimed for this connection (until it is uploaded, the
+//! upload fails, the lease runs out, or the connection closes); a path
+//! claimed by another connection is `InFlight`.
+
+use nixq_common::proto::{
+    read_frame, write_frame, PathBatch, PathState, QueryMissing, QueryMissingReply,
+};
+use nixq_common::store_path::StorePath;
+
+use super::{check_paths, OpError};
+use crate::claims::ClaimReply;
+use crate::server::{refuse_reply, Ctx};
+
+pub async fn serve(
+    ctx: &Ctx,
+    query: QueryMissing,
+    send: &mut quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), OpError> {
+    let mut first = true;
+    loop {
+        let batch: PathBatch = read_frame(&mut recv)
+            .await?
+            .ok_or_else(|| OpError::Violation("the stream ended before the last batch".into()))?;
+        if let Err(refusal) = check_paths(ctx, &batch.paths) {
+            if first {
+                refuse_reply(send, &QueryMissingReply::Refused(refusal)).await;
+                return Ok(());
+            }
+            return Err(OpError::Violation(format!("{refusal:?}")));
+        }
+        first = false;
+        let states = states(ctx, &batch.paths, query.claim).await?;
+        write_frame(send, &QueryMissingReply::States(states.clone())).await?;
+        if query.claim {
+            root_claimed(ctx, &batch.paths, &states);
+        }
+        if batch.last {
+            return Ok(());
+        }
+    }
+}
+
+/// Makes the paths just claimed temp roots of this connection in the
+/// background, before their uploads need them to be (an upload roots a path
+/// itself if it gets there first).
+fn root_claimed(ctx: &Ctx, paths: &[StorePath], states: &[PathState]) {
+    let claimed: Vec<StorePath> = paths
+        .iter()
+        .zip(states)
+        .filter(|(_, state)| **state == PathState::Missing)
+        .map(|(path, _)| path.clone())
+        .collect();
+    if claimed.is_empty() {
+        return;
+    }
+    let conn = std::sync::Arc::clone(&ctx.conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.store.root_each(&claimed).await {
+            tracing::warn!("cannot add temp roots for claimed paths: {e}");
+        }
+    });
+}
+
+async fn states(ctx: &Ctx, paths: &[StorePath], claim: bool) -> Result<Vec<PathState>, OpError> {
+    let conn = &ctx.conn;
+    let claims = &ctx.shared.claims;
+    let valid = conn.store.valid_and_root(paths).await?;
+    let states = paths
+        .iter()
+        .map(|path| {
+            if valid.contains(path) {
+                return PathState::Valid;
+            }
+            if conn.holds(path) {
+                return PathState::Missing;
+            }
+            if !claim {
+                return match claims.holder(path) {
+                    Some((owner, _)) if owner != conn.id => PathState::InFlight,
+                    _ => PathState::Missing,
+                };
+            }
+            match claims.claim(path, conn.id) {
+                ClaimReply::Send(claim) => {
+                    conn.hold(claim);
+                    PathState::Missing
+                }
+                // Being uploaded by this very connection on another stream.
+                ClaimReply::Wait { owner, .. } if owner == conn.id => PathState::Missing,
+                ClaimReply::Wait { .. } => PathState::InFlight,
+            }
+        })
+        .collect();
+    Ok(states)
+}

@@ -1,0 +1,223 @@
+//! The agent's access to its local Nix: how to open a daemon connection
+//! (the socket, or a private `nix-daemon --stdio` child, §5), and the
+//! per-master-connection daemon connection that holds that master's
+//! temporary GC roots.
+//!
+//! Temporary roots live exactly as long as the daemon connection that added
+//! them (nix-interfaces.md §8, `temproots/<pid>`), so each master connection
+//! gets its own daemon connection, kept until the master goes away: paths
+//! answered `Valid`, uploaded, or built for it cannot be collected while its
+//! job runs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nixq_common::daemon::{Connector, DaemonClient, DaemonError};
+use nixq_common::path_info::PathInfo;
+use nixq_common::store_path::{StoreDir, StorePath};
+use tokio::process::Command;
+
+use crate::config::StoreAccess;
+
+/// How to open daemon connections, decided once at startup.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    connector: Connector,
+    route: Route,
+}
+
+#[derive(Debug, Clone)]
+enum Route {
+    Socket(std::path::PathBuf),
+    /// The program to run as `PROGRAM --stdio`.
+    Stdio(String),
+}
+
+impl Daemon {
+    /// The socket when it exists and stdio is not forced; else a private
+    /// `nix-daemon --stdio` child per connection (root only).
+    pub fn new(access: &StoreAccess, store_dir: StoreDir) -> Self {
+        let route = if !access.force_stdio && access.daemon_socket.exists() {
+            Route::Socket(access.daemon_socket.clone())
+        } else {
+            Route::Stdio(access.nix_daemon.clone())
+        };
+        Self {
+            connector: Connector::new().store_dir(store_dir),
+            route,
+        }
+    }
+
+    /// How connections are made, for the startup log.
+    pub fn describe(&self) -> String {
+        match &self.route {
+            Route::Socket(path) => format!("daemon socket {}", path.display()),
+            Route::Stdio(program) => format!("private `{program} --stdio`"),
+        }
+    }
+
+    /// A new daemon connection.
+    pub async fn connect(&self) -> Result<DaemonClient, DaemonError> {
+        match &self.route {
+            Route::Socket(path) => self.connector.connect_socket(path).await,
+            Route::Stdio(program) => {
+                let mut cmd = Command::new(program);
+                cmd.arg("--stdio");
+                // The child's own messages go to the agent's log via stderr.
+                self.connector.spawn_stdio(cmd).await
+            }
+        }
+    }
+}
+
+/// What a master connection knows about a path on this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Temp-rooted on this connection's daemon connection, not valid (yet).
+    Rooted,
+    /// Valid and temp-rooted: it stays valid while this connection lives.
+    Valid,
+}
+
+/// The daemon connection of one master connection, opened lazily, and the
+/// paths it keeps alive.
+#[derive(Debug)]
+pub struct ConnStore {
+    daemon: Arc<Daemon>,
+    client: tokio::sync::Mutex<Option<DaemonClient>>,
+    known: Mutex<HashMap<StorePath, Known>>,
+}
+
+impl ConnStore {
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self {
+            daemon,
+            client: tokio::sync::Mutex::new(None),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The connection, opened (or reopened after a failure) on demand. A
+    /// reopened connection has lost the old one's temp roots, so they are
+    /// forgotten and re-added as paths are used again.
+    async fn client(&self) -> Result<tokio::sync::MappedMutexGuard<'_, DaemonClient>, DaemonError> {
+        let mut guard = self.client.lock().await;
+        if !guard.as_ref().is_some_and(DaemonClient::is_usable) {
+            if guard.is_some() {
+                tracing::warn!("daemon connection lost; its temporary roots are re-added on use");
+                self.known().clear();
+            }
+            *guard = Some(self.daemon.connect().await?);
+        }
+        Ok(tokio::sync::MutexGuard::map(guard, |c| {
+            c.as_mut().unwrap_or_else(|| unreachable!("set just above"))
+        }))
+    }
+
+    fn known(&self) -> MutexGuard<'_, HashMap<StorePath, Known>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this connection has seen `path` valid (and so keeps it alive).
+    pub fn is_known_valid(&self, path: &StorePath) -> bool {
+        self.known().get(path) == Some(&Known::Valid)
+    }
+
+    /// Records that `path` became valid through this connection (an upload,
+    /// a build); it must be rooted already.
+    pub fn mark_valid(&self, path: &StorePath) {
+        self.known().insert(path.clone(), Known::Valid);
+    }
+
+    /// The valid paths among `paths`, which become temp roots of this
+    /// connection.
+    pub async fn valid_and_root(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<BTreeSet<StorePath>, DaemonError> {
+        let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
+        let valid = self.client().await?.query_valid_paths(&set).await?;
+        let valid_list: Vec<StorePath> = valid.iter().cloned().collect();
+        self.root(&valid_list).await?;
+        let mut known = self.known();
+        for path in &valid {
+            known.insert(path.clone(), Known::Valid);
+        }
+        Ok(valid)
+    }
+
+    /// Whether `path` is valid now (asks the daemon).
+    pub async fn is_valid(&self, path: &StorePath) -> Result<bool, DaemonError> {
+        if self.is_known_valid(path) {
+            return Ok(true);
+        }
+        self.client().await?.is_valid_path(path).await
+    }
+
+    /// Makes `paths` temp roots of this connection (valid or not yet: a
+    /// path about to be restored must be safe from the collector too).
+    pub async fn root(&self, paths: &[StorePath]) -> Result<(), DaemonError> {
+        let todo: Vec<&StorePath> = {
+            let known = self.known();
+            paths.iter().filter(|p| !known.contains_key(*p)).collect()
+        };
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client().await?;
+        for path in todo {
+            client.add_temp_root(path).await?;
+            self.known().entry(path.clone()).or_insert(Known::Rooted);
+        }
+        Ok(())
+    }
+
+    /// [`ConnStore::root`] one path at a time, so that a concurrent
+    /// [`ConnStore::root`] of an upload waits for one round trip at most;
+    /// run in the background after QueryMissing, it takes the temp-root
+    /// round trips of claimed paths off the upload's path.
+    pub async fn root_each(&self, paths: &[StorePath]) -> Result<(), DaemonError> {
+        for path in paths {
+            self.root(std::slice::from_ref(path)).await?;
+        }
+        Ok(())
+    }
+
+    /// Path infos of `paths` in order (`None` = not valid).
+    pub async fn path_infos(
+        &self,
+        paths: &[StorePath],
+    ) -> Result<Vec<Option<PathInfo>>, DaemonError> {
+        self.client().await?.query_path_infos(paths).await
+    }
+
+    /// The closure of `roots`, references first.
+    pub async fn closure(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>, DaemonError> {
+        self.client()
+            .await?
+            .query_closure(roots.iter().cloned())
+            .await
+    }
+
+    /// Closes the daemon connection (the roots go with it).
+    pub async fn close(&self) {
+        if let Some(client) = self.client.lock().await.take() {
+            if let Err(e) = client.shutdown().await {
+                tracing::debug!(%e, "closing the daemon connection");
+            }
+        }
+    }
+}
+
+/// Whether the store directory can be written by this process: the agent
+/// restores NARs into it directly.
+pub fn check_writable(store_dir: &Path) -> Result<(), String> {
+    crate::load::writable(store_dir).map_err(|e| {
+        format!(
+            "the store directory {} is not writable by this process ({e}); nixq-agent restores \
+             paths straight into the store and must run as root over a local, writable store",
+            store_dir.display()
+        )
+    })
+}
