@@ -1,4 +1,7 @@
-fn main() {
-    eprintln!("nixq-build-hook: not implemented yet");
-    std::process::exit(1);
+//! `nixq-build-hook`: Nix's build hook, building on nixq agents. Nix runs
+//! it (`build-hook = /path/to/nixq-build-hook` in `nix.conf`, or
+//! `NIX_BUILD_HOOK` for the classic protocols); see [`nixq_master::hook`].
+
+fn main() -> std::process::ExitCode {
+    nixq_master::hook::run::main()
 }
