@@ -13,18 +13,20 @@
 //!    └──────────────┴──── drop / abandon() ─────────▶ Abandoned (entry removed)
 //! ```
 //!
-//! `Submitted` means the NAR was restored, its hash and size checked, and its
-//! registration submitted to the batcher: a path that refers to it may be
-//! submitted too (the batcher registers in submission order, references
-//! first), so uploads of dependent paths do not wait for registration round
-//! trips ([`Waiter::submitted`]). Senders that want the path *valid* wait
+//! `Submitted` means the NAR was restored, its hash and size checked, its
+//! own references are valid or queued, and its registration is in the
+//! batcher's queue (set only after the enqueue, never before): a path that
+//! refers to it may be queued too (the batcher serves its queue in order,
+//! one call at a time, references first within a call), so uploads of
+//! dependent paths do not wait for registration round trips
+//! ([`Waiter::submitted`]). Senders that want the path *valid* wait
 //! for the end ([`Waiter::settled`]). After an abandon, waiters ask again
 //! and one of them becomes the new owner.
 //!
 //! The table is a `std::sync::Mutex` around a map: it is never held across an
 //! `.await` (every method is synchronous), so a blocking mutex is both correct
 //! and cheaper than an async one. Waiting happens on a `watch` channel per
-//! claim, outside the lock.
+//! claim, outside the lock, made only once somebody waits.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -80,7 +82,26 @@ pub struct Waiter {
 struct Entry {
     id: u64,
     owner: OwnerId,
-    tx: watch::Sender<ClaimState>,
+    state: ClaimState,
+    /// Made when the first waiter subscribes: most claims (a 100,000-path
+    /// QueryMissing) are never waited for, and a channel costs a few
+    /// hundred bytes.
+    tx: Option<watch::Sender<ClaimState>>,
+}
+
+impl Entry {
+    fn waiter(&mut self) -> Waiter {
+        let state = self.state;
+        let tx = self.tx.get_or_insert_with(|| watch::channel(state).0);
+        Waiter { rx: tx.subscribe() }
+    }
+
+    fn publish(&mut self, state: ClaimState) {
+        self.state = state;
+        if let Some(tx) = &self.tx {
+            tx.send_replace(state);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -122,18 +143,23 @@ impl<K: Eq + Hash + Clone> ClaimTable<K> {
     /// Claim `key` for `owner`, or learn whom to wait for.
     pub fn claim(&self, key: &K, owner: OwnerId) -> ClaimReply<K> {
         let mut inner = self.lock();
-        if let Some(entry) = inner.claims.get(key) {
+        if let Some(entry) = inner.claims.get_mut(key) {
             return ClaimReply::Wait {
                 owner: entry.owner,
-                waiter: Waiter {
-                    rx: entry.tx.subscribe(),
-                },
+                waiter: entry.waiter(),
             };
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        let (tx, _) = watch::channel(ClaimState::Pending);
-        inner.claims.insert(key.clone(), Entry { id, owner, tx });
+        inner.claims.insert(
+            key.clone(),
+            Entry {
+                id,
+                owner,
+                state: ClaimState::Pending,
+                tx: None,
+            },
+        );
         ClaimReply::Send(Claim {
             table: self.clone(),
             key: key.clone(),
@@ -143,16 +169,31 @@ impl<K: Eq + Hash + Clone> ClaimTable<K> {
         })
     }
 
+    /// Claim `key` for `owner`, or learn who holds it, without a
+    /// [`Waiter`] (which would make the claim's channel): for askers that
+    /// only report "in flight".
+    pub fn try_claim(&self, key: &K, owner: OwnerId) -> Result<Claim<K>, OwnerId> {
+        if let Some(entry) = self.lock().claims.get(key) {
+            return Err(entry.owner);
+        }
+        match self.claim(key, owner) {
+            ClaimReply::Send(claim) => Ok(claim),
+            // Claimed in between the two locks.
+            ClaimReply::Wait { owner, .. } => Err(owner),
+        }
+    }
+
+    /// Who holds `key`, if anybody (no [`Waiter`]).
+    pub fn owner(&self, key: &K) -> Option<OwnerId> {
+        self.lock().claims.get(key).map(|entry| entry.owner)
+    }
+
     /// Who holds `key`, and a waiter on it; `None` if nobody does.
     pub fn holder(&self, key: &K) -> Option<(OwnerId, Waiter)> {
-        self.lock().claims.get(key).map(|entry| {
-            (
-                entry.owner,
-                Waiter {
-                    rx: entry.tx.subscribe(),
-                },
-            )
-        })
+        self.lock()
+            .claims
+            .get_mut(key)
+            .map(|entry| (entry.owner, entry.waiter()))
     }
 
     /// Whether `key` is claimed by someone right now.
@@ -178,13 +219,13 @@ impl<K: Eq + Hash + Clone> ClaimTable<K> {
         }
         match state {
             ClaimState::Completed | ClaimState::Abandoned => {
-                if let Some(entry) = inner.claims.remove(key) {
-                    entry.tx.send_replace(state);
+                if let Some(mut entry) = inner.claims.remove(key) {
+                    entry.publish(state);
                 }
             }
             ClaimState::Pending | ClaimState::Submitted => {
-                if let Some(entry) = inner.claims.get(key) {
-                    entry.tx.send_replace(state);
+                if let Some(entry) = inner.claims.get_mut(key) {
+                    entry.publish(state);
                 }
             }
         }
@@ -364,6 +405,22 @@ mod tests {
         drop(claim);
         assert_eq!(waiter.settled().await, ClaimState::Abandoned);
         assert!(table.is_empty());
+    }
+
+    #[tokio::test]
+    async fn try_claim_makes_no_channel_until_someone_waits() {
+        let table = ClaimTable::new();
+        let claim = table.try_claim(&"p", 1).expect("free");
+        assert_eq!(table.try_claim(&"p", 2).err(), Some(1));
+        assert_eq!(table.owner(&"p"), Some(1));
+        assert!(table.lock().claims[&"p"].tx.is_none());
+        claim.submitted();
+        // A late waiter starts from the state reached so far.
+        let (_, waiter) = table.holder(&"p").expect("held");
+        assert_eq!(waiter.state(), ClaimState::Submitted);
+        claim.complete();
+        assert_eq!(waiter.settled().await, ClaimState::Completed);
+        assert_eq!(table.owner(&"p"), None);
     }
 
     #[tokio::test]

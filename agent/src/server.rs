@@ -9,8 +9,9 @@
 //!
 //! Shutdown (SIGTERM/SIGINT): stop accepting, refuse new requests with
 //! `ShuttingDown`, abort uploads (their partial paths are removed), give
-//! running builds [`BUILD_GRACE`], then close every connection with
-//! [`ErrorCode::ShuttingDown`].
+//! running builds [`BUILD_GRACE`], close every connection with
+//! [`ErrorCode::ShuttingDown`], then wait up to [`IMPORT_DRAIN`] until the
+//! aborted uploads have cleaned up (`Importer::idle`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +47,17 @@ use crate::store::{ConnStore, Daemon};
 /// are killed: long enough for a build that is about to finish, short
 /// enough for systemd's 30 s stop timeout.
 pub const BUILD_GRACE: Duration = Duration::from_secs(10);
+
+/// How long shutdown waits for cancelled builds to stop (their builders
+/// killed): a little more than a build daemon's stop grace.
+const BUILD_STOP: Duration = Duration::from_secs(6);
+
+/// How long shutdown waits, after cancelling the uploads, for their
+/// clean-up (partial paths removed, queued registrations finished, lock
+/// files deleted), which runs on blocking threads and in drops that an
+/// exiting process would cut short. Removing a large tree takes well under
+/// a second; the bound only matters if the file system hangs.
+pub const IMPORT_DRAIN: Duration = Duration::from_secs(10);
 
 /// A claimed path whose upload has not started within this time is given up,
 /// so a master that asked and vanished (or changed its mind) does not block
@@ -284,11 +296,46 @@ pub async fn run(shared: Arc<Shared>) -> anyhow::Result<()> {
         );
     }
     connections.shutdown().await;
+    // Builds cancelled by the close stop in their own tasks, which kill
+    // the builders and then free their slots.
+    let stopped = tokio::time::timeout(BUILD_STOP, async {
+        while shared.stats.running_builds() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(
+            running = shared.stats.running_builds(),
+            "builds not stopped after {BUILD_STOP:?}"
+        );
+    }
+    drain_imports(&shared).await;
     for endpoint in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits (up to [`IMPORT_DRAIN`]) until every cancelled upload has cleaned
+/// up and every queued registration has ended.
+async fn drain_imports(shared: &Shared) {
+    let importer = &shared.importer;
+    let in_flight = importer.in_flight();
+    if in_flight == 0 {
+        return;
+    }
+    tracing::info!(in_flight, "waiting for interrupted imports to clean up");
+    let started = Instant::now();
+    match tokio::time::timeout(IMPORT_DRAIN, importer.idle()).await {
+        Ok(()) => tracing::info!(elapsed = ?started.elapsed(), "imports cleaned up"),
+        Err(_) => tracing::warn!(
+            in_flight = importer.in_flight(),
+            "imports still cleaning up after {IMPORT_DRAIN:?}; their paths may be left \
+             behind (Nix removes invalid paths when it next locks them)"
+        ),
+    }
 }
 
 /// Accepts connections from one endpoint, up to the connection limit.

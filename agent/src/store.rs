@@ -71,6 +71,97 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// A daemon connection for one build, which [`BuildConn::stop`] can end
+    /// at any moment with the build stopped and its builder dead.
+    ///
+    /// For a private `nix-daemon --stdio` the child is spawned here rather
+    /// than by the [`Connector`], so that its pid is known: closing its
+    /// stdin alone leaves it building until it next talks to us, and
+    /// `SIGKILL` would orphan the builder (Nix puts the builder in its own
+    /// session, so no process-group kill reaches it). `SIGTERM` makes Nix
+    /// interrupt the build and kill the builder itself before it exits.
+    pub async fn connect_build(&self) -> Result<BuildConn, DaemonError> {
+        let Route::Stdio(program) = &self.route else {
+            // Closing a socket connection interrupts the daemon's worker
+            // at once (it watches the socket for a hang-up).
+            return Ok(BuildConn {
+                client: self.connect().await?,
+                child: None,
+            });
+        };
+        let mut cmd = Command::new(program);
+        cmd.arg("--stdio")
+            .env_remove("NIX_REMOTE")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            // A backstop for a runtime torn down mid-build.
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| DaemonError::Spawn {
+            command: format!("{program} --stdio"),
+            source,
+        })?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(DaemonError::Protocol {
+                op: "handshake",
+                reason: "the child's stdin and stdout were not piped".to_owned(),
+            });
+        };
+        let client = self.connector.handshake(stdout, stdin).await?;
+        Ok(BuildConn {
+            client,
+            child: Some(child),
+        })
+    }
+}
+
+/// How long a build's private daemon may take to stop its build and exit
+/// after `SIGTERM` before it is killed: Nix kills the builder and exits
+/// within milliseconds; a builder stuck in uninterruptible I/O may take
+/// longer, and killing the daemon would orphan it.
+const BUILD_DAEMON_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The daemon connection of one build; see [`Daemon::connect_build`].
+#[derive(Debug)]
+pub struct BuildConn {
+    pub client: DaemonClient,
+    child: Option<tokio::process::Child>,
+}
+
+impl BuildConn {
+    /// Ends the connection. With `interrupt`, a build still running is
+    /// stopped and its builder killed before this returns (bounded by
+    /// [`BUILD_DAEMON_GRACE`]).
+    pub async fn stop(self, interrupt: bool) {
+        let Self { client, child } = self;
+        // Closes our end: a socket daemon's worker interrupts the build; a
+        // child daemon sees the end of its input.
+        drop(client);
+        let Some(mut child) = child else {
+            return;
+        };
+        if interrupt {
+            if let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+                // SAFETY: kill(2) on our own child, which has not been
+                // reaped (its pid cannot have been reused).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        match tokio::time::timeout(BUILD_DAEMON_GRACE, child.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(%e, "waiting for the build's daemon"),
+            Err(_) => {
+                tracing::warn!(
+                    "the build's daemon did not exit within {BUILD_DAEMON_GRACE:?}; killing it"
+                );
+                if let Err(e) = child.kill().await {
+                    tracing::debug!(%e, "killing the build's daemon");
+                }
+            }
+        }
+    }
+}
+
 /// What a master connection knows about a path on this agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Known {

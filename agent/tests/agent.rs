@@ -50,6 +50,10 @@ in {
                        args = [ "-c" "echo agent-build-log; echo built > $out" ]; };
   silent = derivation { name = "nixq-at-silent"; system = sys; builder = "/bin/sh";
                         args = [ "-c" "echo going-quiet; exec /bin/sleep 37.5" ]; };
+  stuck1 = derivation { name = "nixq-at-stuck-1"; system = sys; builder = "/bin/sh";
+                        args = [ "-c" "echo stuck-started; exec /bin/sleep 41.25" ]; };
+  stuck2 = derivation { name = "nixq-at-stuck-2"; system = sys; builder = "/bin/sh";
+                        args = [ "-c" "echo stuck-started; exec /bin/sleep 41.25" ]; };
 }
 "#;
 
@@ -144,6 +148,9 @@ struct Fixture {
     build_drv: StorePath,
     /// Prints a line, then sleeps: for max-silent-time.
     silent_drv: StorePath,
+    /// Print a line, then sleep (`sleep 41.25`) with no timeout: for
+    /// cancellation.
+    stuck_drvs: [StorePath; 2],
 }
 
 fn fixture() -> &'static Fixture {
@@ -156,6 +163,8 @@ fn fixture() -> &'static Fixture {
         ));
         let build_drv = store_path(&nix("nix-instantiate", &["-E", EXPR, "-A", "build"]));
         let silent_drv = store_path(&nix("nix-instantiate", &["-E", EXPR, "-A", "silent"]));
+        let stuck_drvs = ["stuck1", "stuck2"]
+            .map(|a| store_path(&nix("nix-instantiate", &["-E", EXPR, "-A", a])));
         let order = nix("nix-store", &["-q", "--requisites", c.as_str()]);
         let closure = order.lines().map(|l| item(&store_path(l))).collect();
         Fixture {
@@ -163,6 +172,7 @@ fn fixture() -> &'static Fixture {
             lone: item(&lone),
             build_drv,
             silent_drv,
+            stuck_drvs,
         }
     })
 }
@@ -749,6 +759,126 @@ async fn builds_with_live_log() {
         assert!(Instant::now() < deadline, "the builder outlived the build");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Starts a build of `drv` with no time limits and waits until its builder
+/// has printed its first line.
+async fn start_stuck_build(
+    master: &Master,
+    drv_path: &StorePath,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let text = std::fs::read(drv_path.as_path()).expect("read .drv");
+    let drv = Derivation::parse(&text).expect("parse .drv");
+    let (mut send, mut recv) = master
+        .open(&Request::Build(Box::new(proto::Build {
+            drv_path: drv_path.clone(),
+            drv: drv.to_basic(&BTreeSet::new()),
+            settings: BuildSettings {
+                timeout_secs: 0,
+                max_silent_secs: 0,
+                build_cores: 1,
+            },
+        })))
+        .await;
+    let _ = send.finish();
+    let mut log = Vec::new();
+    let deadline = Duration::from_secs(30);
+    tokio::time::timeout(deadline, async {
+        while !String::from_utf8_lossy(&log).contains("stuck-started") {
+            match read_frame::<BuildEvent, _>(&mut recv).await {
+                Ok(Some(BuildEvent::Started)) => {}
+                Ok(Some(BuildEvent::Log(chunk))) => log.extend(chunk),
+                other => panic!("build event: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the builder started");
+    (send, recv)
+}
+
+/// Waits until no builder of the stuck derivations runs (any agent's).
+fn stuck_builders_gone(within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = Command::new("pgrep")
+            .args(["-f", "sleep 41.25"])
+            .output()
+            .expect("pgrep");
+        if !left.status.success() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn running_builds_drop_to_zero(master: &Master, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let running = master.status().await.running_builds;
+        if running == 0 {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{running} builds still running {within:?} after the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_builds_free_their_slot_and_die() {
+    if !can_run() {
+        return;
+    }
+    let fx = fixture();
+    let mut agent = Agent::start();
+    let master = agent.connect().await;
+    let other = agent.connect().await;
+
+    // Both slots (--max-builds 2) taken: one cancelled the way the hook's
+    // BuildStream::cancel does (reset + STOP_SENDING), the other by closing
+    // its connection.
+    let (mut send, mut recv) = start_stuck_build(&master, &fx.stuck_drvs[0]).await;
+    let _held = start_stuck_build(&other, &fx.stuck_drvs[1]).await;
+    assert_eq!(master.status().await.running_builds, 2);
+    let code = quinn::VarInt::from_u32(proto::ErrorCode::Cancelled.code());
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+    other.conn.close(code, b"cancelled");
+    let freed = running_builds_drop_to_zero(&master, Duration::from_secs(3)).await;
+    assert!(
+        stuck_builders_gone(Duration::from_secs(5)),
+        "a cancelled builder outlived its build"
+    );
+
+    // The slots are free at once: two new builds start (not Busy). Only a
+    // STOP_SENDING this time (the request side is finished already).
+    let (_, mut recv) = start_stuck_build(&master, &fx.stuck_drvs[0]).await;
+    let (_, mut recv2) = start_stuck_build(&master, &fx.stuck_drvs[1]).await;
+    let _ = recv.stop(code);
+    let _ = recv2.stop(code);
+    let freed_again = running_builds_drop_to_zero(&master, Duration::from_secs(3)).await;
+    assert!(stuck_builders_gone(Duration::from_secs(5)));
+    let counters = master.status().await.counters;
+    assert_eq!(counters.builds_started, 4);
+    eprintln!("slots freed {freed:?} and {freed_again:?} after the cancels");
+
+    // Nothing left to wait for: SIGTERM stops the agent promptly.
+    let start = Instant::now();
+    let status = agent
+        .terminate(Duration::from_secs(8))
+        .expect("the agent exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,17 @@
 //! `max_builds`; a full agent refuses with `Busy`). The agent enforces
 //! `timeout` and `max-silent-time` itself too. The master cancels by
 //! resetting its side or stopping ours (`ErrorCode::Cancelled`), or by
-//! closing the connection: the daemon connection is then closed, which
-//! makes Nix stop the build. Built outputs become temp roots of the master's
+//! closing the connection. The build runs in a task of its own that owns
+//! the daemon connection, the slot and the `running_builds` count: however
+//! the stream ends (even by being dropped with its connection), the task
+//! stops the build ([`BuildConn::stop`]: Nix kills the builder), then
+//! frees the slot. Built outputs become temp roots of the master's
 //! connection.
+//!
+//! [`BuildConn::stop`]: crate::store::BuildConn::stop
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nixq_common::daemon::{
@@ -24,7 +30,9 @@ use nixq_common::daemon::{
 use nixq_common::path_info::PathInfo;
 use nixq_common::proto::{write_frame, Build, BuildEvent, BuildOutcome, Refusal, MAX_LOG_CHUNK};
 use nixq_common::store_path::StorePath;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use super::OpError;
 use crate::server::{refuse_reply, Ctx};
@@ -70,7 +78,7 @@ pub async fn serve(
         .await;
         return Ok(());
     }
-    let Ok(_slot) = std::sync::Arc::clone(&shared.builds).try_acquire_owned() else {
+    let Ok(slot) = Arc::clone(&shared.builds).try_acquire_owned() else {
         refuse_reply(
             send,
             &BuildEvent::Refused(Refusal::Busy {
@@ -80,19 +88,71 @@ pub async fn serve(
         .await;
         return Ok(());
     };
-    shared.stats.build_started();
     tracing::info!(drv = %build.drv_path, "build started");
-    let result = run(ctx, &build, send, &mut recv).await;
-    let succeeded = matches!(result, Ok(Some(BuildOutcome::Built { .. })));
-    shared.stats.build_ended(succeeded);
-    match result? {
-        Some(outcome) => {
-            tracing::info!(drv = %build.drv_path, outcome = outcome_name(&outcome), "build ended");
-            write_frame(send, &BuildEvent::Outcome(outcome)).await?;
-            Ok(())
+    let running = Running::start(ctx, slot);
+    write_frame(send, &BuildEvent::Started).await?;
+    let (log_tx, mut log_rx) = mpsc::channel::<Vec<u8>>(LOG_QUEUE);
+    // Dropping `cancel` (a cancel seen below, an error, or this future being
+    // dropped with its connection) stops the build task, which kills the
+    // build and then frees the slot.
+    let (cancel, cancelled) = oneshot::channel::<()>();
+    // Not aborted if this future is dropped: told by `cancel`, it stops
+    // the build by itself.
+    let mut task = tokio::spawn(
+        run(ctx.clone(), build.clone(), log_tx, cancelled, running)
+            .instrument(tracing::Span::current()),
+    );
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
+    let mut recv_open = true;
+    let mut scratch = [0u8; 64];
+    let outcome = loop {
+        tokio::select! {
+            // Biased towards forwarding the log before the outcome.
+            biased;
+            Some(line) = log_rx.recv() => send_log(send, &line).await?,
+            joined = &mut task => break joined,
+            _ = &mut stopped => {
+                tracing::info!("build cancelled by the master");
+                return cancelled_build(cancel, task).await;
+            }
+            read = recv.read(&mut scratch), if recv_open => match read {
+                // The master finished its side: normal.
+                Ok(None) => recv_open = false,
+                Ok(Some(_)) => {
+                    drop(cancel);
+                    return Err(OpError::Violation("data after the Build request".into()));
+                }
+                Err(_) => {
+                    tracing::info!("build cancelled by the master (stream reset)");
+                    return cancelled_build(cancel, task).await;
+                }
+            },
         }
-        None => Ok(()),
+    };
+    drop(cancel);
+    // Lines that arrived with the result.
+    while let Ok(line) = log_rx.try_recv() {
+        send_log(send, &line).await?;
     }
+    let outcome = outcome.unwrap_or_else(|e| BuildOutcome::Transient {
+        msg: format!("the build task failed: {e}"),
+    });
+    tracing::info!(drv = %build.drv_path, outcome = outcome_name(&outcome), "build ended");
+    write_frame(send, &BuildEvent::Outcome(outcome)).await?;
+    Ok(())
+}
+
+/// The master cancelled: stop the build task and wait until the build is
+/// stopped (bounded by the daemon's stop grace), so that its slot is free
+/// when the master hears back.
+async fn cancelled_build(
+    cancel: oneshot::Sender<()>,
+    task: JoinHandle<BuildOutcome>,
+) -> Result<(), OpError> {
+    drop(cancel);
+    let _ = task.await;
+    Ok(())
 }
 
 fn outcome_name(outcome: &BuildOutcome) -> &'static str {
@@ -104,17 +164,45 @@ fn outcome_name(outcome: &BuildOutcome) -> &'static str {
     }
 }
 
-/// Runs the build; `None` if the master cancelled it.
+/// A running build: holds its slot and counts it in `running_builds` until
+/// dropped, whichever way the build ends.
+struct Running {
+    ctx: Ctx,
+    _slot: OwnedSemaphorePermit,
+    succeeded: bool,
+}
+
+impl Running {
+    fn start(ctx: &Ctx, slot: OwnedSemaphorePermit) -> Self {
+        ctx.shared.stats.build_started();
+        Self {
+            ctx: ctx.clone(),
+            _slot: slot,
+            succeeded: false,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.ctx.shared.stats.build_ended(self.succeeded);
+    }
+}
+
+/// Runs the build on its own daemon connection, as a task of its own so
+/// that a cancel, however it comes (the stream stopped or reset, the
+/// connection closed, the stream task aborted), still ends with the build
+/// stopped, its builder killed and its slot freed.
 async fn run(
-    ctx: &Ctx,
-    build: &Build,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-) -> Result<Option<BuildOutcome>, OpError> {
-    write_frame(send, &BuildEvent::Started).await?;
-    let transient = |msg: String| Ok(Some(BuildOutcome::Transient { msg }));
-    let mut client = match ctx.shared.daemon.connect().await {
-        Ok(client) => client,
+    ctx: Ctx,
+    build: Build,
+    log_tx: mpsc::Sender<Vec<u8>>,
+    mut cancelled: oneshot::Receiver<()>,
+    mut running: Running,
+) -> BuildOutcome {
+    let transient = |msg: String| BuildOutcome::Transient { msg };
+    let mut conn = match ctx.shared.daemon.connect_build().await {
+        Ok(conn) => conn,
         Err(e) => return transient(format!("cannot reach the local Nix daemon: {e}")),
     };
     let settings = build.settings;
@@ -124,74 +212,52 @@ async fn run(
         // sandbox, build-users-group, substituters: the slave's nix.conf.
         ..ClientSettings::default()
     };
-    if let Err(e) = client.set_options(&options).await {
+    if let Err(e) = conn.client.set_options(&options).await {
+        conn.stop(true).await;
         return transient(format!("the local Nix daemon refused the settings: {e}"));
     }
-    let (log_tx, mut log_rx) = mpsc::channel::<Vec<u8>>(LOG_QUEUE);
-    client.on_log(log_forwarder(log_tx));
+    let last_output = Arc::new(Mutex::new(Instant::now()));
+    conn.client
+        .on_log(log_forwarder(log_tx, Arc::clone(&last_output)));
 
     let started = Instant::now();
-    let mut last_output = Instant::now();
     let mut tick = tokio::time::interval(TICK);
-    let stopped = send.stopped();
-    tokio::pin!(stopped);
-    let mut recv_open = true;
-    let mut scratch = [0u8; 64];
     let ended = {
-        let building = client.build_derivation(&build.drv_path, &build.drv, BuildMode::Normal);
+        let building = conn
+            .client
+            .build_derivation(&build.drv_path, &build.drv, BuildMode::Normal);
         tokio::pin!(building);
         loop {
             tokio::select! {
                 result = &mut building => break Ended::Finished(result),
-                Some(line) = log_rx.recv() => {
-                    last_output = Instant::now();
-                    send_log(send, &line).await?;
-                }
                 _ = tick.tick() => {
                     let limits = (settings.timeout_secs, settings.max_silent_secs);
-                    if let Some(msg) = timed_out(limits, started, last_output) {
+                    let last = *last_output.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(msg) = timed_out(limits, started, last) {
                         break Ended::TimedOut(msg);
                     }
                 }
-                _ = &mut stopped => {
-                    tracing::info!("build cancelled by the master");
-                    break Ended::Cancelled;
-                }
-                read = recv.read(&mut scratch), if recv_open => match read {
-                    // The master finished its side: normal.
-                    Ok(None) => recv_open = false,
-                    Ok(Some(_)) => {
-                        return Err(OpError::Violation("data after the Build request".into()))
-                    }
-                    Err(_) => {
-                        tracing::info!("build cancelled by the master (stream reset)");
-                        break Ended::Cancelled;
-                    }
-                },
+                _ = &mut cancelled => break Ended::Cancelled,
             }
         }
     };
     let outcome = match ended {
-        Ended::Cancelled => None,
+        Ended::Cancelled => {
+            conn.stop(true).await;
+            tracing::info!("cancelled build stopped");
+            return transient("cancelled".to_owned());
+        }
         Ended::TimedOut(msg) => {
             tracing::info!("{msg}");
-            Some(BuildOutcome::TimedOut { msg })
+            conn.stop(true).await;
+            return BuildOutcome::TimedOut { msg };
         }
-        Ended::Finished(result) => {
-            // Lines that arrived with the result.
-            while let Ok(line) = log_rx.try_recv() {
-                send_log(send, &line).await?;
-            }
-            Some(match result {
-                Ok(result) => outcome_of(ctx, build, &mut client, result).await,
-                Err(e) => BuildOutcome::Transient {
-                    msg: format!("the local Nix daemon: {e}"),
-                },
-            })
-        }
+        Ended::Finished(Ok(result)) => outcome_of(&ctx, &build, &mut conn.client, result).await,
+        Ended::Finished(Err(e)) => transient(format!("the local Nix daemon: {e}")),
     };
-    stop(client).await;
-    Ok(outcome)
+    conn.stop(false).await;
+    running.succeeded = matches!(outcome, BuildOutcome::Built { .. });
+    outcome
 }
 
 /// How the wait for a build ended.
@@ -218,19 +284,13 @@ fn timed_out(
     None
 }
 
-/// Closes a build's daemon connection: Nix notices the hang-up and stops a
-/// build still running (killing its builder); a child daemon is waited for
-/// a bounded time, then killed.
-async fn stop(client: DaemonClient) {
-    if let Err(e) = client.shutdown().await {
-        tracing::debug!(%e, "closing the build's daemon connection");
-    }
-}
-
 /// A log callback that queues builder output and Nix's messages for the
 /// stream, one line per chunk; lines beyond the queue are counted and the
 /// count is reported with the next line that fits.
-fn log_forwarder(tx: mpsc::Sender<Vec<u8>>) -> impl FnMut(LogEvent) + Send + 'static {
+fn log_forwarder(
+    tx: mpsc::Sender<Vec<u8>>,
+    last_output: Arc<Mutex<Instant>>,
+) -> impl FnMut(LogEvent) + Send + 'static {
     let mut dropped = 0u64;
     move |event| {
         let mut line = match &event {
@@ -247,6 +307,7 @@ fn log_forwarder(tx: mpsc::Sender<Vec<u8>>) -> impl FnMut(LogEvent) + Send + 'st
             line = note;
         }
         line.push(b'\n');
+        *last_output.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         match tx.try_send(line) {
             Ok(()) => dropped = 0,
             Err(_) => dropped += 1,

@@ -18,7 +18,6 @@ use nixq_common::proto::{
 use nixq_common::store_path::StorePath;
 
 use super::{check_paths, OpError};
-use crate::claims::ClaimReply;
 use crate::server::{refuse_reply, Ctx};
 
 pub async fn serve(
@@ -86,19 +85,21 @@ async fn states(ctx: &Ctx, paths: &[StorePath], claim: bool) -> Result<Vec<PathS
                 return PathState::Missing;
             }
             if !claim {
-                return match claims.holder(path) {
-                    Some((owner, _)) if owner != conn.id => PathState::InFlight,
+                return match claims.owner(path) {
+                    Some(owner) if owner != conn.id => PathState::InFlight,
                     _ => PathState::Missing,
                 };
             }
-            match claims.claim(path, conn.id) {
-                ClaimReply::Send(claim) => {
+            // No waiters here: a channel per in-flight path of a
+            // 100,000-path query would cost tens of MiB.
+            match claims.try_claim(path, conn.id) {
+                Ok(claim) => {
                     conn.hold(claim);
                     PathState::Missing
                 }
                 // Being uploaded by this very connection on another stream.
-                ClaimReply::Wait { owner, .. } if owner == conn.id => PathState::Missing,
-                ClaimReply::Wait { .. } => PathState::InFlight,
+                Err(owner) if owner == conn.id => PathState::Missing,
+                Err(_) => PathState::InFlight,
             }
         })
         .collect();

@@ -263,16 +263,26 @@ async fn import(ctx: &Ctx, body: &mut BodyReader, info: PathInfo) -> Result<Impo
 
 /// Waits for the restore's verdict, then registers the path once its
 /// references are valid or on their way.
+///
+/// The claim turns [`Submitted`] only once the registration is in the
+/// batcher's queue, after this path's own references: an upload of a path
+/// that refers to this one (on any connection) may queue its registration
+/// from then on, and the queue's order puts it in the same
+/// `nix-store --register-validity` call as this path or a later one. Marked
+/// any earlier, the dependent could be registered first and fail with
+/// "path … is not valid".
+///
+/// [`Submitted`]: crate::claims::ClaimState::Submitted
 async fn register(ctx: Ctx, restoring: Restoring, claim: Claim<StorePath>) -> UploadOutcome {
+    let failed = |e: ItemError| {
+        e.outcome().unwrap_or(UploadOutcome::ImportFailed {
+            reason: e.to_string(),
+        })
+    };
     let verified = match restoring.finish().await {
         Ok(verified) => verified,
-        Err(e) => {
-            return e.outcome().unwrap_or(UploadOutcome::ImportFailed {
-                reason: e.to_string(),
-            })
-        }
+        Err(e) => return failed(e),
     };
-    claim.submitted();
     let path = verified.info().path.clone();
     let nar_size = verified.info().nar_size;
     let references: Vec<StorePath> = verified
@@ -283,13 +293,27 @@ async fn register(ctx: Ctx, restoring: Restoring, claim: Claim<StorePath>) -> Up
         .cloned()
         .collect();
     for reference in &references {
-        if let Err(outcome) = wait_reference(&ctx, reference).await {
+        let waited = tokio::select! {
+            waited = wait_reference(&ctx, reference) => waited,
+            // A reference held by a claim that nobody will upload any more
+            // (its connection is being torn down) must not keep the
+            // shutdown waiting.
+            () = ctx.shared.shutdown_signal() => Err(UploadOutcome::ImportFailed {
+                reason: "the agent is shutting down".to_owned(),
+            }),
+        };
+        if let Err(outcome) = waited {
             // Dropping `verified` removes the tree; dropping the claim
             // abandons it.
             return outcome;
         }
     }
-    match ctx.shared.importer.register(verified).await {
+    let submitted = match ctx.shared.importer.submit(verified).await {
+        Ok(submitted) => submitted,
+        Err(e) => return failed(e),
+    };
+    claim.submitted();
+    match submitted.finish().await {
         Ok(()) => {
             claim.complete();
             ctx.conn.store.mark_valid(&path);
@@ -299,9 +323,7 @@ async fn register(ctx: Ctx, restoring: Restoring, claim: Claim<StorePath>) -> Up
             tracing::debug!(%path, "stored");
             UploadOutcome::Stored
         }
-        Err(e) => e.outcome().unwrap_or(UploadOutcome::ImportFailed {
-            reason: e.to_string(),
-        }),
+        Err(e) => failed(e),
     }
 }
 

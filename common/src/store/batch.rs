@@ -55,15 +55,50 @@ impl RegistrationBatcher {
 
     /// Register one path; resolves when it is valid (or failed).
     pub async fn register(&self, reg: Registration) -> Result<(), BatchError> {
+        self.enqueue(reg).await?.wait().await
+    }
+
+    /// Queue one path for registration; resolves as soon as it is in the
+    /// queue (waiting only while the queue is full). The queue is served in
+    /// order, one `nix-store` call at a time, so a path enqueued after this
+    /// one is registered in the same call or a later one: once this
+    /// returns, paths that refer to `reg` may be enqueued too. Dropping the
+    /// returned [`Queued`] does not withdraw the registration.
+    ///
+    /// Cancel safe: if the future is dropped before it resolves, nothing
+    /// was queued.
+    pub async fn enqueue(&self, reg: Registration) -> Result<Queued, BatchError> {
         let path = reg.path.clone();
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((reg, reply))
             .await
             .map_err(|_| BatchError::Stopped)?;
-        match rx.await {
+        Ok(Queued { path, rx })
+    }
+}
+
+/// A registration in the batcher's queue; [`Queued::wait`] for its result.
+#[derive(Debug)]
+pub struct Queued {
+    path: StorePath,
+    rx: oneshot::Receiver<Result<(), String>>,
+}
+
+impl Queued {
+    /// The path being registered.
+    pub fn path(&self) -> &StorePath {
+        &self.path
+    }
+
+    /// Resolves when the path is valid (or its registration failed).
+    pub async fn wait(self) -> Result<(), BatchError> {
+        match self.rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(BatchError::Failed { path, message }),
+            Ok(Err(message)) => Err(BatchError::Failed {
+                path: self.path,
+                message,
+            }),
             Err(_) => Err(BatchError::Stopped),
         }
     }
@@ -72,12 +107,17 @@ impl RegistrationBatcher {
 async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
+        // Whatever queued up while the previous call ran. Waiting a few
+        // milliseconds for more (a linger) was measured and lost: small
+        // uploads arrive slower than a call takes, so batches hardly grew
+        // and every call started later (agent test `throughput`).
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(item) => batch.push(item),
                 Err(_) => break,
             }
         }
+        tracing::debug!(paths = batch.len(), "registering a batch");
         let (regs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let order = references_first(&regs);
         let ordered: Vec<Registration> = order.iter().map(|&i| regs[i].clone()).collect();

@@ -40,7 +40,10 @@
 //!    read the next item while the restoring thread finishes this one.
 //! 4. [`Importer::register`]: only a [`Verified`] can be registered. On
 //!    success the lock file is deleted as Nix does; on failure the restored
-//!    tree is removed.
+//!    tree is removed. Its two halves, [`Importer::submit`] (in the
+//!    batcher's queue) and [`Submitted::finish`] (registered), let a caller
+//!    announce "on its way" to the uploads of paths that refer to this one
+//!    at exactly the moment that is true.
 //!
 //! # Nothing left behind
 //!
@@ -51,14 +54,21 @@
 //! restoring thread, which then sees a truncated NAR and cleans up by
 //! itself. Once submitted to the batcher, the tree is never removed by a
 //! drop: the registration may be under way, and a valid path must not lose
-//! its files.
+//! its files. The lock file goes with the lock, whatever the outcome.
+//!
+//! Much of that clean-up happens on blocking threads after the async side
+//! has let go, so a process that exits must first wait for
+//! [`Importer::idle`]: every import is counted from [`Importer::lock`] until
+//! its files and lock are settled.
 
 use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::hash::{NarHash, NarHasher};
@@ -66,6 +76,7 @@ use crate::nar::{Decoder, RestoreError, Restorer};
 use crate::path_info::PathInfo;
 use crate::proto::frame::{decode, decode_slice, Message};
 use crate::proto::{Compression, ProtoError, UploadOutcome};
+use crate::store::batch::Queued;
 use crate::store::{BatchError, PathLock, Registration, RegistrationBatcher};
 use crate::store_path::{StoreDir, StorePath};
 
@@ -438,13 +449,43 @@ pub enum Locking {
 pub struct Importer {
     store_dir: StoreDir,
     batcher: RegistrationBatcher,
+    in_flight: Arc<InFlight>,
 }
 
 impl Importer {
     /// An importer into `store_dir` (which must be the real, local store:
     /// paths are written at their store path) registering through `batcher`.
     pub fn new(store_dir: StoreDir, batcher: RegistrationBatcher) -> Self {
-        Self { store_dir, batcher }
+        Self {
+            store_dir,
+            batcher,
+            in_flight: Arc::new(InFlight::default()),
+        }
+    }
+
+    /// Imports under way: from [`Importer::lock`] until everything they
+    /// leave behind is settled (registered, or removed with its lock file),
+    /// whichever thread that happens on.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no import is under way ([`Importer::in_flight`] is 0).
+    /// A process that is about to exit waits for this (with a time limit)
+    /// after cancelling its imports: their clean-up runs on blocking threads
+    /// and in drops, which an exiting process would cut short, leaving
+    /// partial paths behind.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.in_flight.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake-up in between is kept.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn store_dir(&self) -> &StoreDir {
@@ -480,6 +521,7 @@ impl Importer {
     /// which matters for thousands of small paths); a lock somebody holds is
     /// waited for on a blocking thread.
     pub async fn lock(&self, path: &StorePath, locking: Locking) -> Result<LockedPath, ItemError> {
+        let ticket = Ticket::new(&self.in_flight);
         let target = path.as_path().to_path_buf();
         let lock_error =
             |e: io::Error| ItemError::Store(format!("cannot lock {}: {e}", target.display()));
@@ -510,15 +552,29 @@ impl Importer {
         };
         Ok(LockedPath {
             path: path.clone(),
-            lock,
+            hold: Hold {
+                _lock: lock.map(|lock| NixLock(Some(lock))),
+                _ticket: ticket,
+            },
             occupied,
         })
     }
 
     /// Registers a verified path (batched with whatever else is being
-    /// registered). On success the lock file is deleted as Nix does after
-    /// an import; on failure the restored tree is removed.
+    /// registered): [`Importer::submit`], then [`Submitted::finish`].
     pub async fn register(&self, verified: Verified) -> Result<(), ItemError> {
+        self.submit(verified).await?.finish().await
+    }
+
+    /// Queues a verified path for registration and returns once it is in
+    /// the batcher's queue: a path that refers to this one may be submitted
+    /// from then on (the queue is served in order, see
+    /// [`RegistrationBatcher::enqueue`]). [`Submitted::finish`] waits for
+    /// the result.
+    ///
+    /// Cancel safe: dropped before it resolves, nothing was queued and the
+    /// tree is removed.
+    pub async fn submit(&self, verified: Verified) -> Result<Submitted, ItemError> {
         let Verified { info, mut tree } = verified;
         let registration = Registration {
             path: info.path.clone(),
@@ -527,16 +583,45 @@ impl Importer {
             deriver: info.deriver.clone(),
             references: info.references.iter().cloned().collect(),
         };
-        // From here on the batcher may make the path valid: a drop must not
-        // remove its files.
-        tree.keep = true;
-        match self.batcher.register(registration).await {
+        match self.batcher.enqueue(registration).await {
+            Ok(queued) => {
+                // From here on the batcher may make the path valid: a drop
+                // must not remove its files.
+                tree.keep = true;
+                Ok(Submitted { tree, queued })
+            }
+            Err(e) => {
+                // The drop removes the tree, then releases the lock.
+                let _ = tokio::task::spawn_blocking(move || drop(tree)).await;
+                Err(ItemError::Register(e.to_string()))
+            }
+        }
+    }
+}
+
+/// A verified path in the registration queue; see [`Importer::submit`].
+/// Dropping it leaves the registration to go on unobserved; its files are
+/// kept either way, since it may become valid.
+#[derive(Debug)]
+pub struct Submitted {
+    tree: RestoredTree,
+    queued: Queued,
+}
+
+impl Submitted {
+    pub fn path(&self) -> &StorePath {
+        self.queued.path()
+    }
+
+    /// Waits until the path is registered. On success the lock file is
+    /// deleted as Nix does after an import; on failure the restored tree is
+    /// removed.
+    pub async fn finish(self) -> Result<(), ItemError> {
+        let Self { mut tree, queued } = self;
+        match queued.wait().await {
             Ok(()) => {
-                if let Some(lock) = tree.lock.take() {
-                    if let Err(e) = lock.release_and_delete() {
-                        tracing::debug!(path = %info.path, %e, "cannot delete the lock file");
-                    }
-                }
+                // Unlocks and deletes the lock file; the tree is kept.
+                drop(tree);
                 Ok(())
             }
             Err(BatchError::Failed { message, .. }) => {
@@ -550,11 +635,62 @@ impl Importer {
     }
 }
 
+/// Counts imports under way; see [`Importer::in_flight`].
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One import under way: counted in [`InFlight`] until dropped.
+#[derive(Debug)]
+struct Ticket(Arc<InFlight>);
+
+impl Ticket {
+    fn new(in_flight: &Arc<InFlight>) -> Self {
+        in_flight.count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Nix's lock on a path being imported. Dropping it unlocks and deletes the
+/// lock file the way Nix does (unlink, then mark the open file stale so a
+/// waiter retries, §8): whatever the import's fate, no `<path>.lock` is left
+/// behind, not even for a path whose NAR never arrived.
+#[derive(Debug)]
+struct NixLock(Option<PathLock>);
+
+impl Drop for NixLock {
+    fn drop(&mut self) {
+        if let Some(lock) = self.0.take() {
+            if let Err(e) = lock.release_and_delete() {
+                tracing::debug!(%e, "cannot delete a lock file");
+            }
+        }
+    }
+}
+
+/// What an import holds until it is settled, dropped in this order: Nix's
+/// lock (if taken here), then the in-flight count.
+#[derive(Debug)]
+struct Hold {
+    _lock: Option<NixLock>,
+    _ticket: Ticket,
+}
+
 /// A store path locked for import (or whose lock the caller holds).
 #[derive(Debug)]
 pub struct LockedPath {
     path: StorePath,
-    lock: Option<PathLock>,
+    hold: Hold,
     occupied: bool,
 }
 
@@ -627,8 +763,8 @@ impl LockedPath {
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let expected = (info.nar_hash, info.nar_size);
         let target = self.path.as_path().to_path_buf();
-        let lock = self.lock;
-        let job = tokio::task::spawn_blocking(move || restore_job(&target, expected, rx, lock));
+        let hold = self.hold;
+        let job = tokio::task::spawn_blocking(move || restore_job(&target, expected, rx, hold));
         let mut left = info.nar_size;
         while left > 0 {
             match body.next_chunk(left).await {
@@ -697,13 +833,13 @@ impl Verified {
     }
 }
 
-/// The files of a restored path and its lock. Unless `keep`, dropping it
-/// removes the files, before the lock is released (the fields drop after
-/// `Drop::drop`).
+/// The files of a restored path and its hold (lock and in-flight count).
+/// Unless `keep`, dropping it removes the files, before the lock is
+/// released (the fields drop after `Drop::drop`).
 #[derive(Debug)]
 struct RestoredTree {
     path: PathBuf,
-    lock: Option<PathLock>,
+    _hold: Hold,
     keep: bool,
 }
 
@@ -763,8 +899,11 @@ fn restore_job(
     target: &Path,
     (expected_hash, expected_size): (NarHash, u64),
     mut rx: mpsc::Receiver<Bytes>,
-    lock: Option<PathLock>,
+    hold: Hold,
 ) -> Result<RestoredTree, ItemError> {
+    // `hold` is a parameter, so it drops after `restorer`, whose drop
+    // removes a partial tree: the lock and the in-flight count outlive
+    // the clean-up.
     let mut restorer = Restorer::new(target).map_err(restore_error)?;
     let mut decoder = Decoder::new();
     let mut hasher = NarHasher::new();
@@ -810,7 +949,7 @@ fn restore_job(
     restorer.commit().map_err(restore_error)?;
     Ok(RestoredTree {
         path: target.to_path_buf(),
-        lock,
+        _hold: hold,
         keep: false,
     })
 }
@@ -972,7 +1111,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let expected = (info.nar_hash, info.nar_size);
         let t = target.clone();
-        let job = tokio::task::spawn_blocking(move || restore_job(&t, expected, rx, None));
+        let hold = unlocked_hold(&Arc::new(InFlight::default()));
+        let job = tokio::task::spawn_blocking(move || restore_job(&t, expected, rx, hold));
         let mut left = info.nar_size;
         while left > 0 {
             let chunk = reader.next_chunk(left).await.expect("chunk");
@@ -1041,23 +1181,70 @@ mod tests {
         assert!(!target.exists());
     }
 
+    fn unlocked_hold(in_flight: &Arc<InFlight>) -> Hold {
+        Hold {
+            _lock: None,
+            _ticket: Ticket::new(in_flight),
+        }
+    }
+
     #[tokio::test]
     async fn interrupted_restore_leaves_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let nar = nar_of_file(&vec![7u8; 100_000]);
         let info = info_for(&nar, "cut");
         let target = dir.path().join(info.path.base_name());
+        let lock_file = PathLock::lock_path_of(&target);
         let (tx, rx) = mpsc::channel(RESTORE_QUEUE);
         let t = target.clone();
         let expected = (info.nar_hash, info.nar_size);
-        let job = tokio::task::spawn_blocking(move || restore_job(&t, expected, rx, None));
+        let in_flight = Arc::new(InFlight::default());
+        let hold = Hold {
+            _lock: Some(NixLock(Some(PathLock::acquire(&target).expect("lock")))),
+            _ticket: Ticket::new(&in_flight),
+        };
+        assert!(lock_file.exists());
+        let job = tokio::task::spawn_blocking(move || restore_job(&t, expected, rx, hold));
         tx.send(Bytes::copy_from_slice(&nar[..50_000]))
             .await
             .expect("send");
+        assert_eq!(in_flight.count.load(Ordering::Acquire), 1);
         drop(tx);
         let result = job.await.expect("job");
         assert!(matches!(result, Err(ItemError::Interrupted)), "{result:?}");
         assert!(!target.exists());
+        assert!(
+            !lock_file.exists(),
+            "the lock file of a failed import is deleted"
+        );
+        assert_eq!(in_flight.count.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_every_ticket() {
+        let importer = Importer::new(
+            StoreDir::new("/nix/store".to_owned()).expect("store dir"),
+            RegistrationBatcher::spawn("false".to_owned()),
+        );
+        let first = unlocked_hold(&importer.in_flight);
+        let second = unlocked_hold(&importer.in_flight);
+        assert_eq!(importer.in_flight(), 2);
+        let idle = tokio::spawn({
+            let importer = importer.clone();
+            async move { importer.idle().await }
+        });
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!idle.is_finished());
+        // Dropped on another thread, as the restoring threads do.
+        std::thread::spawn(move || drop(second))
+            .join()
+            .expect("thread");
+        tokio::time::timeout(std::time::Duration::from_secs(5), idle)
+            .await
+            .expect("idle after the last ticket")
+            .expect("task");
+        importer.idle().await;
     }
 
     #[test]
