@@ -11,6 +11,8 @@
 //! | [`process`]      | checked commands with timeouts; [`Proc`], the kill-on-drop guard with a log |
 //! | [`netns`]        | `ip netns` plumbing, emptying namespaces, sweeping stale ones      |
 //! | [`nix`]          | each host's `nix.conf` and store; `nix-build`/`nix-store` helpers on [`Host`] |
+//! | [`hook_farm`]    | remote-build farms: a master whose Nix runs `nixq-build-hook`, slaves with agents |
+//! | [`nixq`]         | nixq deployments: PKI, agents, copy-closure runs, an in-test master |
 //! | [`closures`]     | generated Nix expressions: DAGs of `/bin/sh` derivations           |
 //! | [`precondition`] | root + Nix or a loud failure (never a silent skip)                |
 //! | [`bins`]         | where the nixq binaries under test are                            |
@@ -24,13 +26,16 @@
 //! routed out of the namespaces and nothing is mounted in the machine's own
 //! mount namespace. See [`farm`] for the API and `enter` for the mechanism.
 
+pub mod bench;
 pub mod bins;
 pub mod closures;
 mod enter;
 pub mod error;
 pub mod farm;
+pub mod hook_farm;
 pub mod netns;
 pub mod nix;
+pub mod nixq;
 pub mod precondition;
 pub mod process;
 
