@@ -221,16 +221,27 @@ impl ConnStore {
         self.known().insert(path.clone(), Known::Valid);
     }
 
-    /// The valid paths among `paths`, which become temp roots of this
-    /// connection.
+    /// The valid paths among `paths`. Every path of `paths` becomes a temp
+    /// root of this connection first, valid or not, and only then is
+    /// validity asked (the order Nix itself uses, §8): a path found valid
+    /// cannot be collected between the answer and its root. Roots of paths
+    /// that are missing are needed anyway by the uploads that follow.
     pub async fn valid_and_root(
         &self,
         paths: &[StorePath],
     ) -> Result<BTreeSet<StorePath>, DaemonError> {
+        let started = std::time::Instant::now();
+        self.root(paths).await?;
+        let rooted = started.elapsed();
         let set: BTreeSet<StorePath> = paths.iter().cloned().collect();
         let valid = self.client().await?.query_valid_paths(&set).await?;
-        let valid_list: Vec<StorePath> = valid.iter().cloned().collect();
-        self.root(&valid_list).await?;
+        tracing::debug!(
+            paths = paths.len(),
+            valid = valid.len(),
+            ?rooted,
+            elapsed = ?started.elapsed(),
+            "validity queried"
+        );
         let mut known = self.known();
         for path in &valid {
             known.insert(path.clone(), Known::Valid);
@@ -247,30 +258,25 @@ impl ConnStore {
     }
 
     /// Makes `paths` temp roots of this connection (valid or not yet: a
-    /// path about to be restored must be safe from the collector too).
+    /// path about to be restored must be safe from the collector too). The
+    /// AddTempRoot requests are pipelined: thousands of paths cost a few
+    /// round trips, not one each.
     pub async fn root(&self, paths: &[StorePath]) -> Result<(), DaemonError> {
-        let todo: Vec<&StorePath> = {
+        let todo: Vec<StorePath> = {
             let known = self.known();
-            paths.iter().filter(|p| !known.contains_key(*p)).collect()
+            paths
+                .iter()
+                .filter(|p| !known.contains_key(*p))
+                .cloned()
+                .collect()
         };
         if todo.is_empty() {
             return Ok(());
         }
-        let mut client = self.client().await?;
+        self.client().await?.add_temp_roots(&todo).await?;
+        let mut known = self.known();
         for path in todo {
-            client.add_temp_root(path).await?;
-            self.known().entry(path.clone()).or_insert(Known::Rooted);
-        }
-        Ok(())
-    }
-
-    /// [`ConnStore::root`] one path at a time, so that a concurrent
-    /// [`ConnStore::root`] of an upload waits for one round trip at most;
-    /// run in the background after QueryMissing, it takes the temp-root
-    /// round trips of claimed paths off the upload's path.
-    pub async fn root_each(&self, paths: &[StorePath]) -> Result<(), DaemonError> {
-        for path in paths {
-            self.root(std::slice::from_ref(path)).await?;
+            known.entry(path).or_insert(Known::Rooted);
         }
         Ok(())
     }

@@ -7,10 +7,14 @@
 //! agent  → QueryMissingReply::States([Valid | Missing | InFlight; one per path])  per batch, in order
 //! ```
 //!
-//! `Valid` paths become temp roots of this connection. With `claim`, each
-//! `Missing` path is claimed for this connection (until it is uploaded, the
-//! upload fails, the lease runs out, or the connection closes); a path
-//! claimed by another connection is `InFlight`.
+//! Every queried path becomes a temp root of this connection before its
+//! validity is asked, all in a few pipelined round trips
+//! ([`crate::store::ConnStore::valid_and_root`]): `Valid` paths stay valid
+//! while the connection lives, and `Missing` ones are safe from the
+//! collector before their upload starts. With `claim`, each `Missing` path
+//! is claimed for this connection (until it is uploaded, the upload fails,
+//! the lease runs out, or the connection closes); a path claimed by another
+//! connection is `InFlight`.
 
 use nixq_common::proto::{
     read_frame, write_frame, PathBatch, PathState, QueryMissing, QueryMissingReply,
@@ -41,34 +45,10 @@ pub async fn serve(
         first = false;
         let states = states(ctx, &batch.paths, query.claim).await?;
         write_frame(send, &QueryMissingReply::States(states.clone())).await?;
-        if query.claim {
-            root_claimed(ctx, &batch.paths, &states);
-        }
         if batch.last {
             return Ok(());
         }
     }
-}
-
-/// Makes the paths just claimed temp roots of this connection in the
-/// background, before their uploads need them to be (an upload roots a path
-/// itself if it gets there first).
-fn root_claimed(ctx: &Ctx, paths: &[StorePath], states: &[PathState]) {
-    let claimed: Vec<StorePath> = paths
-        .iter()
-        .zip(states)
-        .filter(|(_, state)| **state == PathState::Missing)
-        .map(|(path, _)| path.clone())
-        .collect();
-    if claimed.is_empty() {
-        return;
-    }
-    let conn = std::sync::Arc::clone(&ctx.conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.store.root_each(&claimed).await {
-            tracing::warn!("cannot add temp roots for claimed paths: {e}");
-        }
-    });
 }
 
 async fn states(ctx: &Ctx, paths: &[StorePath], claim: bool) -> Result<Vec<PathState>, OpError> {

@@ -722,6 +722,65 @@ impl DaemonClient {
         self.settle(result)
     }
 
+    /// AddTempRoot for many paths, pipelined on the one connection like
+    /// [`DaemonClient::query_path_infos`]: [`PIPELINE_DEPTH`] requests are
+    /// written, then their replies read, so `n` roots cost `n /
+    /// PIPELINE_DEPTH` round trips instead of `n`. Every path is a root when
+    /// this returns `Ok`; after an error, some may be.
+    pub async fn add_temp_roots(&mut self, paths: &[StorePath]) -> Result<(), DaemonError> {
+        let op = self.begin(Op::AddTempRoot)?;
+        let mut result = Ok(());
+        for batch in paths.chunks(PIPELINE_DEPTH) {
+            result = self.add_temp_root_batch(op, batch).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        self.settle(result)
+    }
+
+    async fn add_temp_root_batch(
+        &mut self,
+        op: &'static str,
+        batch: &[StorePath],
+    ) -> Result<(), DaemonError> {
+        let version = self.version;
+        let Self {
+            reader,
+            writer,
+            logger,
+            ..
+        } = self;
+        let write = async {
+            let mut enc = Encoder::new();
+            for path in batch {
+                enc.u64(Op::AddTempRoot.code()).str(path.as_str());
+            }
+            write_all(writer, op, enc.as_bytes()).await
+        };
+        // Reads every reply even after Nix reported an error for one, so the
+        // connection stays in step; the first such error is returned.
+        let read = async {
+            let mut nix_error = None;
+            for _ in batch {
+                match stderr_loop(reader, logger, version, op, no_upload()).await? {
+                    Ok(()) => {
+                        reader.u64(op).await?;
+                    }
+                    Err(err) => {
+                        nix_error.get_or_insert(err);
+                    }
+                }
+            }
+            Ok::<_, DaemonError>(nix_error)
+        };
+        let ((), nix_error) = tokio::try_join!(write, read)?;
+        match nix_error {
+            Some(err) => Err(nix_failure(op, err)),
+            None => Ok(()),
+        }
+    }
+
     /// QueryMissing: what building `paths` would build, substitute, or
     /// cannot do.
     pub async fn query_missing(&mut self, paths: &[DerivedPath]) -> Result<Missing, DaemonError> {
@@ -1389,5 +1448,55 @@ mod tests {
         assert_eq!(result.status, BuildStatus::Built);
         assert_eq!((result.start_time, result.stop_time), (10, 12));
         assert_eq!(result.built_outputs.get("out"), Some(&path));
+    }
+
+    #[tokio::test]
+    async fn temp_roots_are_pipelined_and_stay_in_step_after_an_error() {
+        let paths: Vec<StorePath> = ["a", "b", "c"]
+            .iter()
+            .map(|n| {
+                StorePath::parse_any(&format!("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-{n}"))
+                    .expect("path")
+            })
+            .collect();
+        let mut replies = Encoder::new();
+        replies
+            .u64(WORKER_MAGIC_2)
+            .u64(0x122)
+            .str("2.8.0")
+            .u64(STDERR_LAST);
+        // Three AddTempRoot replies, the second a Nix error; then one more
+        // for a lone root on the same connection.
+        replies.u64(STDERR_LAST).u64(1);
+        replies
+            .u64(STDERR_ERROR)
+            .str("Error")
+            .u64(0)
+            .str("Error")
+            .str("boom")
+            .u64(0)
+            .u64(0);
+        replies.u64(STDERR_LAST).u64(1);
+        replies.u64(STDERR_LAST).u64(1);
+        let (client, mut daemon) = scripted(ProtocolVersion::LATEST, &replies).await;
+        let mut client = client.expect("handshake");
+        let err = client
+            .add_temp_roots(&paths)
+            .await
+            .expect_err("the Nix error");
+        assert_eq!(err.nix_message(), Some("boom"));
+        assert!(client.is_usable());
+        client
+            .add_temp_roots(&paths[..1])
+            .await
+            .expect("in step after the error");
+        // Handshake (4 words), then every request in order.
+        let _ = written(&mut daemon, 32).await;
+        let mut expected = Encoder::new();
+        for path in paths.iter().chain(&paths[..1]) {
+            expected.u64(Op::AddTempRoot.code()).str(path.as_str());
+        }
+        let expected = expected.into_bytes();
+        assert_eq!(written(&mut daemon, expected.len()).await, expected);
     }
 }
