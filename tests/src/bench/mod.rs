@@ -8,6 +8,7 @@
 //! | module      | owns                                                          |
 //! |-------------|---------------------------------------------------------------|
 //! | [`data`]    | the reproducible data sets and the `gen` builder              |
+//! | [`builds`]  | the remote-build benchmark (issue 4): nixq hook against ssh   |
 //! | [`measure`] | wall time and peak RSS of a client; a daemon's VmHWM          |
 //! | [`ssh`]     | `sshd` in the slave's namespaces, the client's `ssh -F` file  |
 //! | [`quic`]    | the raw quinn baseline                                        |
@@ -19,6 +20,7 @@
 //! pages are flushed (`sync`) so the previous copy's writeback does not eat
 //! into this one. Then the same copy runs again as the no-op copy.
 
+pub mod builds;
 pub mod data;
 pub mod measure;
 pub mod quic;
@@ -109,6 +111,9 @@ pub struct Options {
     pub raw_quic: bool,
     /// The benchmark binary, the data sets' builder.
     pub builder: PathBuf,
+    /// Also run the remote-build benchmark ([`builds`]), on its own farm
+    /// after the copies.
+    pub builds: bool,
 }
 
 /// A built data set on the master.
@@ -153,7 +158,7 @@ pub fn run(opts: &Options) -> anyhow::Result<String> {
         built.push(b);
     }
 
-    let needs_ssh = opts.tools.iter().any(|t| !t.is_nixq());
+    let needs_ssh = !built.is_empty() && opts.tools.iter().any(|t| !t.is_nixq());
     let sshd = if needs_ssh {
         let sshd = ssh::start(&farm.dir().join("ssh"), slave, master)?;
         let mut cmd = master.cmd("ssh");
@@ -168,7 +173,7 @@ pub fn run(opts: &Options) -> anyhow::Result<String> {
 
     let mut nixq_side = None;
     let mut nixq_error = None;
-    if opts.tools.iter().any(|t| t.is_nixq()) {
+    if !built.is_empty() && opts.tools.iter().any(|t| t.is_nixq()) {
         match start_nixq(master, slave) {
             Ok(side) => nixq_side = Some(side),
             Err(e) => {
@@ -236,12 +241,38 @@ pub fn run(opts: &Options) -> anyhow::Result<String> {
             );
         }
     }
+    let mut builds_report = String::new();
+    if opts.builds {
+        // One farm at a time: the copy farm's processes would compete.
+        drop(nixq_side);
+        drop(sshd);
+        drop(farm);
+        builds_report = match builds::run(opts.logs.as_deref()) {
+            Ok((rows, notes)) => report::render_builds(&rows, &notes),
+            Err(e) => {
+                eprintln!("nixq-bench: remote-build benchmark failed: {e:#}");
+                format!("\n### Remote-build benchmark\n\nfailed: {e:#}\n")
+            }
+        };
+    }
     ctx.notes.push(format!(
         "Whole benchmark run: {:.0} s (`nixq-bench --scale {}`).",
         started.elapsed().as_secs_f64(),
         opts.scale
     ));
-    Ok(report::render(&ctx, &rows))
+    let mut out = if built.is_empty() && ctx.raw_quic.is_none() {
+        // Nothing copied: the header and notes only.
+        format!(
+            "### nixq benchmark ({})\n\n{}\n\n{}\n",
+            ctx.date,
+            ctx.machine,
+            ctx.notes.join("\n\n")
+        )
+    } else {
+        report::render(&ctx, &rows)
+    };
+    out.push_str(&builds_report);
+    Ok(out)
 }
 
 fn machine_info(host: &Host) -> String {

@@ -156,3 +156,59 @@ pub fn render(ctx: &Context, rows: &[Row]) -> String {
     }
     out
 }
+
+/// One remote-build run (or its failure): see [`super::builds`].
+#[derive(Debug, Clone)]
+pub struct BuildRow {
+    /// What was built (`100 independent trivial derivations`, …).
+    pub workload: String,
+    pub derivations: usize,
+    /// Who distributed the builds.
+    pub tool: String,
+    /// Wall time of `nix-build` on the master, or the error.
+    pub result: Result<Duration, String>,
+}
+
+/// The tool the remote-build table's ratio column divides by.
+pub const BUILD_REFERENCE_TOOL: &str = "Nix's own hook (`ssh://root@s1`)";
+
+/// Renders the remote-build table and its notes.
+pub fn render_builds(rows: &[BuildRow], notes: &[String]) -> String {
+    let mut out = String::from(
+        "\n### Remote-build benchmark\n\n\
+         | builds | tool | wall | per derivation | vs ssh |\n\
+         |---|---|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let reference = rows
+            .iter()
+            .find(|r| r.workload == row.workload && r.tool == BUILD_REFERENCE_TOOL);
+        match &row.result {
+            Ok(wall) => {
+                let ratio = match reference.map(|r| &r.result) {
+                    Some(Ok(base)) => {
+                        format!("{:.2}×", base.as_secs_f64() / wall.as_secs_f64().max(1e-9))
+                    }
+                    _ => "–".to_owned(),
+                };
+                let each = *wall / u32::try_from(row.derivations.max(1)).unwrap_or(u32::MAX);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {ratio} |",
+                    row.workload,
+                    row.tool,
+                    fmt_wall(*wall),
+                    fmt_wall(each),
+                );
+            }
+            Err(e) => {
+                let e = e.replace('|', "\\|").replace('\n', " ");
+                let _ = writeln!(out, "| {} | {} | failed: {e} | | |", row.workload, row.tool);
+            }
+        }
+    }
+    for note in notes {
+        let _ = writeln!(out, "\n{note}");
+    }
+    out
+}

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins
-//! target/release/nixq-bench [--scale 0.1] [--out bench.md] [--datasets mixed,small,huge]
+//! target/release/nixq-bench [--scale 0.1] [--out bench.md] [--datasets mixed,small,huge,builds]
 //!                           [--tools ncc,ncc-gzip,nix-copy,nixq,nixq-zstd] [--no-raw-quic]
 //!                           [--logs DIR]
 //! ```
@@ -20,6 +20,9 @@ use clap::{Parser, Subcommand};
 use nixq_e2e::bench::data::{self, DataSet, NodeSpec};
 use nixq_e2e::bench::{self, Tool};
 
+/// The `--datasets` key of the remote-build benchmark.
+const BUILDS: &str = "builds";
+
 #[derive(Debug, Parser)]
 #[command(about = "Benchmark nixq-copy-closure against nix-copy-closure and nix copy over ssh")]
 struct Cli {
@@ -31,8 +34,9 @@ struct Cli {
     /// Also write the Markdown report to FILE.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
-    /// Data sets to copy, comma-separated: mixed, small, huge.
-    #[arg(long, value_delimiter = ',', default_value = "mixed,small,huge")]
+    /// Data sets to copy, comma-separated: mixed, small, huge; `builds`
+    /// adds the remote-build benchmark (nixq-build-hook against ssh builders).
+    #[arg(long, value_delimiter = ',', default_value = "mixed,small,huge,builds")]
     datasets: Vec<String>,
     /// Tools to time, comma-separated: ncc, ncc-gzip, nix-copy, nixq, nixq-zstd.
     #[arg(
@@ -96,14 +100,16 @@ fn run() -> anyhow::Result<()> {
     if !(cli.scale > 0.0 && cli.scale <= 16.0) {
         bail!("--scale must be in (0, 16], not {}", cli.scale);
     }
+    let builds = cli.datasets.iter().any(|k| k == BUILDS);
     let datasets = cli
         .datasets
         .iter()
+        .filter(|k| *k != BUILDS)
         .map(|k| {
             DataSet::ALL
                 .into_iter()
                 .find(|d| d.key() == k)
-                .with_context(|| format!("unknown data set {k:?} (mixed, small, huge)"))
+                .with_context(|| format!("unknown data set {k:?} (mixed, small, huge, builds)"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let tools = cli
@@ -136,6 +142,7 @@ fn run() -> anyhow::Result<()> {
         tools,
         raw_quic: !cli.no_raw_quic,
         builder: exe,
+        builds,
     };
     let report = bench::run(&opts)?;
     println!("{report}");
