@@ -16,3 +16,4 @@
 mod copy;
 mod harness;
 mod hook;
+mod status;
