@@ -189,6 +189,21 @@ impl LoadDir {
         Ok(SlotProbe { load, free })
     }
 
+    /// Opens the slot files `0 .. max_jobs` of each `(uri, max_jobs)` for
+    /// [`SlotWatch::any_free`], without locking them.
+    pub fn watch<'u>(
+        &self,
+        machines: impl IntoIterator<Item = (&'u str, u32)>,
+    ) -> io::Result<SlotWatch> {
+        let mut files = Vec::new();
+        for (uri, max_jobs) in machines {
+            for slot in 0..max_jobs {
+                files.push(self.open(&slot_file_name(uri, slot))?);
+            }
+        }
+        Ok(SlotWatch { files })
+    }
+
     /// Reads the back-off file; a missing file is an empty state.
     pub fn read_down(&self) -> io::Result<DownState> {
         match std::fs::read_to_string(self.dir.join(DOWN_FILE)) {
@@ -253,6 +268,42 @@ impl LoadDir {
             .truncate(false)
             .mode(0o600)
             .open(self.dir.join(name))
+    }
+}
+
+/// Slot files watched, without `main-lock`, for one to become free (a hook
+/// that would answer `# postpone` waits a little for a slot, see
+/// [`crate::hook::run`]). Taking a slot stays the business of
+/// [`LoadDir::probe`] under `main-lock`: a free slot seen here is released
+/// at once, and the caller chooses again.
+#[derive(Debug)]
+pub struct SlotWatch {
+    files: Vec<File>,
+}
+
+impl SlotWatch {
+    /// Whether some watched slot is free now. Each check holds the slot's
+    /// lock for the length of two system calls; a hook choosing at that
+    /// very moment sees it as taken, as it would a moment earlier.
+    pub fn any_free(&self) -> io::Result<bool> {
+        for file in &self.files {
+            if try_flock(file)? {
+                unlock(file)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Releases a `flock` taken by [`try_flock`].
+fn unlock(file: &File) -> io::Result<()> {
+    // SAFETY: flock on an fd owned by `file`, which outlives the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -427,6 +478,37 @@ mod tests {
         assert_eq!(again.load, 2);
         assert_eq!(again.free.map(|s| s.slot()), Some(1));
         drop((slot0, slot2));
+    }
+
+    #[test]
+    fn a_watch_sees_a_slot_become_free_without_taking_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = LoadDir::new(tmp.path().join("current-load"));
+        let slot0 = dir
+            .probe("nixq://a", 2)
+            .expect("probe")
+            .free
+            .expect("slot 0");
+        let slot1 = dir
+            .probe("nixq://a", 2)
+            .expect("probe")
+            .free
+            .expect("slot 1");
+        let watch = dir.watch([("nixq://a", 2)]).expect("watch");
+        assert!(!watch.any_free().expect("poll"));
+        drop(slot1);
+        assert!(watch.any_free().expect("poll"));
+        // The watch released it again: a choice can take it.
+        let taken = dir
+            .probe("nixq://a", 2)
+            .expect("probe")
+            .free
+            .expect("slot 1");
+        assert_eq!(taken.slot(), 1);
+        assert!(!watch.any_free().expect("poll"));
+        drop((slot0, taken));
+        // Nothing watched, nothing free.
+        assert!(!dir.watch([]).expect("watch").any_free().expect("poll"));
     }
 
     #[test]

@@ -398,11 +398,53 @@ fn all_slots_taken_postpones_unless_nix_can_build_it() {
     let _slot0 = world.hold_slot(&uri, 0);
     let _slot1 = world.hold_slot(&uri, 1);
     let mut hook = Hook::modern(&world, &format!("@{}", machines.display()), vec![]);
+    let started = Instant::now();
     hook.send(&try_request(false, "x86_64-linux"));
     assert_eq!(hook.reply(), "# postpone");
+    // It waited about the hook's slot wait (1.5 s) for a slot first ...
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(10),
+        "postponed after {waited:?}"
+    );
+    // ... and, nothing having freed, postpones the next try at once.
+    let started = Instant::now();
+    hook.send(&try_request(false, "x86_64-linux"));
+    assert_eq!(hook.reply(), "# postpone");
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "took {:?}",
+        started.elapsed()
+    );
     hook.send(&try_request(true, "x86_64-linux"));
     assert_eq!(hook.reply(), "# decline");
     assert!(hook.finish().success());
+}
+
+#[test]
+fn a_try_waits_for_a_slot_to_free_and_accepts() {
+    let world = World::new();
+    let agent = FakeAgent::start(&world, usable());
+    let (machines, uri) = world.machines(agent.addr.port(), "x86_64-linux", 1, "");
+    // Another hook holds the only slot and exits after 200 ms.
+    let slot = world.hold_slot(&uri, 0);
+    let release = Duration::from_millis(200);
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(release);
+        drop(slot);
+    });
+    let (_log_read, log_write) = pipe();
+    let mut hook = Hook::modern(
+        &world,
+        &format!("@{}", machines.display()),
+        vec![(4, log_write)],
+    );
+    let started = Instant::now();
+    hook.send(&try_request(false, "x86_64-linux"));
+    assert_eq!(hook.reply(), "# accept");
+    assert!(started.elapsed() >= release, "{:?}", started.elapsed());
+    assert_eq!(hook.line(), uri);
+    holder.join().expect("slot holder");
 }
 
 #[test]

@@ -40,7 +40,9 @@ use nixq_common::machines::{
     self, Decision, ForeignUris, FsIncludes, MachineSpec, MachinesError, ParseOptions,
 };
 use nixq_common::path_info::PathInfo;
-use nixq_common::proto::{self, BuildEvent, BuildOutcome, BuildSettings, Compression, Refusal};
+use nixq_common::proto::{
+    self, BuildEvent, BuildOutcome, BuildSettings, Compression, PathState, Refusal,
+};
 use nixq_common::store_path::StorePath;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -84,6 +86,30 @@ const MIN_TRANSFER_RATE: u64 = 1 << 20;
 const BUSY_WAIT: Duration = Duration::from_secs(10 * 60);
 const BUSY_FIRST_RETRY: Duration = Duration::from_secs(1);
 const BUSY_MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// How long a "try" that would be answered `# postpone` waits for a slot
+/// of an eligible machine to become free (another hook exits) before it
+/// answers. Nix asks a postponed derivation again only after
+/// `build-poll-interval` (default 5 s), and a build that ends does not wake
+/// it (measured on 2.8), so without the wait a farm of short builds idles
+/// most of the time. Nix's whole scheduler is blocked while it waits for
+/// our reply (§2.5): it reads no other hook's fd-4 log meanwhile (their
+/// pipes may fill and stall them) and notices no finished build, so the
+/// bound is modest — a little more than a short remote build takes — and
+/// it guarantees progress.
+const SLOT_WAIT: Duration = Duration::from_millis(1500);
+
+/// How often the wait looks at the slot files: a few `flock` calls, cheap,
+/// and short against the ~100 ms a remote build costs at the very least.
+const SLOT_POLL: Duration = Duration::from_millis(5);
+
+/// After a wait that saw no slot become free, this hook process answers
+/// `# postpone` at once for this long. Nix re-asks every postponed
+/// derivation in a burst after each poll interval, through the same hook
+/// process (§2.9); with long builds every one of them would otherwise
+/// block Nix for [`SLOT_WAIT`]. This keeps the time Nix is blocked by our
+/// waits under a tenth.
+const SLOT_WAIT_COOLDOWN: Duration = Duration::from_secs(15);
 
 /// Bytes read from stdin at a time.
 const STDIN_CHUNK: usize = 64 * 1024;
@@ -148,6 +174,8 @@ pub enum HookError {
     UnknownOutput(String),
     #[error(transparent)]
     Outputs(#[from] OutputsError),
+    #[error("connecting to the local Nix store: {0}")]
+    LocalTask(#[source] tokio::task::JoinError),
     #[error("cannot watch for signals: {0}")]
     Signals(#[source] io::Error),
 }
@@ -411,6 +439,8 @@ struct Scheduler<'a> {
     local: LocalCaps,
     /// Machines unusable for the rest of this process (Nix's "disabled").
     disabled: BTreeSet<usize>,
+    /// Until then, postpone without waiting for a slot ([`SLOT_WAIT_COOLDOWN`]).
+    no_wait_until: Option<Instant>,
     msgs: &'a Messenger,
 }
 
@@ -426,6 +456,8 @@ impl Scheduler<'_> {
         let eligible = choice::eligible_machines(&self.machines, request);
         // Machines whose agent said "full" during this request.
         let mut busy = BTreeSet::new();
+        // The end of this request's wait for a slot, once it started.
+        let mut wait_until = None;
         loop {
             let (decision, mut held, down) = match self.look(&eligible, &busy, request) {
                 Ok(looked) => looked,
@@ -457,6 +489,14 @@ impl Scheduler<'_> {
                                 .join(", ")
                         ),
                     );
+                    return Choice::Answer(decision);
+                }
+                Decision::Postpone => {
+                    drop(held);
+                    let until = *wait_until.get_or_insert_with(|| Instant::now() + SLOT_WAIT);
+                    if self.wait_for_slot(&eligible, &busy, &down, until).await {
+                        continue;
+                    }
                     return Choice::Answer(decision);
                 }
                 other => return Choice::Answer(other),
@@ -517,6 +557,58 @@ impl Scheduler<'_> {
                     client.close().await;
                 }
             }
+        }
+    }
+
+    /// Waits until `until` for a slot of an eligible machine that is not
+    /// disabled, down or full to become free, without `main-lock` (§4.2:
+    /// it is held only for a choice). True if one did: the caller chooses
+    /// again, under `main-lock`. A wait that ends empty-handed starts
+    /// [`SLOT_WAIT_COOLDOWN`].
+    async fn wait_for_slot(
+        &mut self,
+        eligible: &[usize],
+        busy: &BTreeSet<usize>,
+        down: &DownState,
+        until: Instant,
+    ) -> bool {
+        if self.no_wait_until.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        let now = slots::unix_now();
+        let watched = eligible
+            .iter()
+            .filter(|i| !self.disabled.contains(i) && !busy.contains(i))
+            .filter_map(|&i| self.machines.get(i))
+            .filter(|m| !down.is_down(&m.uri.text, now))
+            .map(|m| (m.uri.text.as_str(), m.max_jobs));
+        let watch = match self.load_dir.watch(watched) {
+            Ok(watch) => watch,
+            Err(e) => {
+                self.msgs.say(
+                    Verbosity::DEBUG,
+                    &format!("cannot watch the slot files: {e}"),
+                );
+                return false;
+            }
+        };
+        loop {
+            match watch.any_free() {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    self.msgs.say(
+                        Verbosity::DEBUG,
+                        &format!("cannot watch the slot files: {e}"),
+                    );
+                    return false;
+                }
+            }
+            if Instant::now() >= until {
+                self.no_wait_until = Some(Instant::now() + SLOT_WAIT_COOLDOWN);
+                return false;
+            }
+            tokio::time::sleep(SLOT_POLL).await;
         }
     }
 
@@ -647,6 +739,7 @@ fn modern_session(rt: &tokio::runtime::Runtime, msgs: &Messenger) -> Result<Outc
             features: settings.system_features.clone(),
         },
         disabled: BTreeSet::new(),
+        no_wait_until: None,
         msgs,
     };
     loop {
@@ -763,6 +856,7 @@ fn classic_session(
             features: BTreeSet::new(),
         },
         disabled: BTreeSet::new(),
+        no_wait_until: None,
         msgs,
     };
     let accepted = match rt.block_on(scheduler.choose(&request)) {
@@ -858,6 +952,7 @@ fn line_session(
             features: BTreeSet::new(),
         },
         disabled: BTreeSet::new(),
+        no_wait_until: None,
         msgs,
     };
     let mut stdin = io::stdin().lock();
@@ -976,6 +1071,22 @@ async fn local_daemon() -> Result<DaemonClient, HookError> {
     client.map_err(HookError::LocalStore)
 }
 
+/// The task connecting to the local store; aborted if dropped unfinished.
+struct DaemonTask(tokio::task::JoinHandle<Result<DaemonClient, HookError>>);
+
+impl DaemonTask {
+    /// Waits for the connection (once).
+    async fn connected(&mut self) -> Result<DaemonClient, HookError> {
+        (&mut self.0).await.map_err(HookError::LocalTask)?
+    }
+}
+
+impl Drop for DaemonTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The store paths of the wanted outputs, from what the agent built.
 fn resolve_wanted(
     wanted: &WantedOutputs,
@@ -1069,53 +1180,30 @@ impl Work<'_> {
         let uri = spec.uri.text.clone();
         let compression = spec.uri.params.compress.unwrap_or(Compression::None);
         let drv = read_derivation(&self.drv_path)?;
-        let mut daemon = local_daemon().await?;
-        let closure = daemon
-            .query_closure(self.job.inputs.iter().cloned())
-            .await
-            .map_err(HookError::LocalStore)?;
-
-        // Upload, under the per-machine upload lock (§4.2 step 7).
-        let bytes: u64 = closure.iter().map(|i| i.nar_size).sum();
-        let paths = closure.len();
-        let lock = upload_lock::acquire(self.load_dir.path(), &uri, upload_lock::MAX_WAIT).await;
-        if let Some(warning) = &lock.warning {
-            self.msgs.say(Verbosity::WARN, warning);
-        }
-        let plan = Plan {
-            direction: Direction::To,
-            target: target.clone(),
-            roots: Vec::new(),
-            compression,
-            jobs: copy::DEFAULT_JOBS,
-            include_outputs: false,
-            quiet: true,
-            verbose: 0,
+        // The local store connection (a `nix-daemon --stdio` to spawn when
+        // there is no socket) is made while the agent is asked about the
+        // inputs: in a chain of builds it usually has them all already, and
+        // a path valid there has its closure valid there too, so neither the
+        // closure nor the upload lock is needed, and the connection is
+        // awaited only for the outputs, after the build.
+        let mut daemon_task = DaemonTask(tokio::spawn(local_daemon()));
+        let states = if self.job.inputs.is_empty() {
+            Vec::new()
+        } else {
+            client.query_missing(&self.job.inputs, false).await?
         };
-        let limit = transfer_deadline(bytes);
-        let sent = tokio::time::timeout(
-            limit,
-            copy::send_closure(client, closure, &plan, &Progress::hidden()),
-        )
-        .await
-        .map_err(|_| HookError::Timeout {
-            what: "the upload",
-            uri: uri.clone(),
-            limit,
-        })?
-        .map_err(|source| HookError::Upload {
-            uri: uri.clone(),
-            source: Box::new(source),
-        })?;
-        drop(lock);
-        self.msgs.say(
-            Verbosity::CHATTY,
-            &format!(
-                "{uri} lacked {} of {paths} input paths; sent {} bytes",
-                sent.copied, sent.bytes
-            ),
-        );
-
+        let mut daemon = None;
+        if states.iter().all(|s| *s == PathState::Valid) {
+            self.msgs.say(
+                Verbosity::CHATTY,
+                &format!("{uri} has all {} input paths", states.len()),
+            );
+        } else {
+            let mut local = daemon_task.connected().await?;
+            self.upload(client, target, &mut local, &uri, compression)
+                .await?;
+            daemon = Some(local);
+        }
         // The build, retried while the agent is busy (another master).
         let inputs: BTreeSet<StorePath> = self.job.inputs.iter().cloned().collect();
         let request = proto::Build {
@@ -1156,6 +1244,10 @@ impl Work<'_> {
         };
 
         // The outputs.
+        let mut daemon = match daemon {
+            Some(daemon) => daemon,
+            None => daemon_task.connected().await?,
+        };
         let wanted = resolve_wanted(&self.job.wanted, &drv, &built)?;
         let out_bytes = built
             .values()
@@ -1187,6 +1279,62 @@ impl Work<'_> {
                 .say(Verbosity::DEBUG, &format!("closing the local daemon: {e}"));
         }
         Ok(Outcome::Built)
+    }
+
+    /// Uploads the closure of the inputs, under the per-machine upload
+    /// lock (§4.2 step 7).
+    async fn upload(
+        &self,
+        client: &Arc<AgentClient>,
+        target: &AgentTarget,
+        daemon: &mut DaemonClient,
+        uri: &str,
+        compression: Compression,
+    ) -> Result<(), HookError> {
+        let closure = daemon
+            .query_closure(self.job.inputs.iter().cloned())
+            .await
+            .map_err(HookError::LocalStore)?;
+        let bytes: u64 = closure.iter().map(|i| i.nar_size).sum();
+        let paths = closure.len();
+        let lock = upload_lock::acquire(self.load_dir.path(), uri, upload_lock::MAX_WAIT).await;
+        if let Some(warning) = &lock.warning {
+            self.msgs.say(Verbosity::WARN, warning);
+        }
+        let plan = Plan {
+            direction: Direction::To,
+            target: target.clone(),
+            roots: Vec::new(),
+            compression,
+            jobs: copy::DEFAULT_JOBS,
+            include_outputs: false,
+            quiet: true,
+            verbose: 0,
+        };
+        let limit = transfer_deadline(bytes);
+        let sent = tokio::time::timeout(
+            limit,
+            copy::send_closure(client, closure, &plan, &Progress::hidden()),
+        )
+        .await
+        .map_err(|_| HookError::Timeout {
+            what: "the upload",
+            uri: uri.to_owned(),
+            limit,
+        })?
+        .map_err(|source| HookError::Upload {
+            uri: uri.to_owned(),
+            source: Box::new(source),
+        })?;
+        drop(lock);
+        self.msgs.say(
+            Verbosity::CHATTY,
+            &format!(
+                "{uri} lacked {} of {paths} input paths; sent {} bytes",
+                sent.copied, sent.bytes
+            ),
+        );
+        Ok(())
     }
 
     /// Follows a Build stream: builder output to the log as it comes,
