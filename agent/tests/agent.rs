@@ -909,7 +909,17 @@ async fn refusals() {
             .to_string(),
     };
     assert!(refused.contains("master not allowed"), "{refused}");
-    assert!(agent.logs().contains("not in allowed_masters"));
+    // The agent logs the refusal after closing the connection: give the
+    // line a moment (bounded) to reach its log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.logs().contains("not in allowed_masters") {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not log the refusal: {}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A NAR of one regular file with `len` bytes of cheap pseudo-random data,
