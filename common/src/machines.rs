@@ -41,6 +41,7 @@
 //! | `compress=zstd:LEVEL`   | zstd at `LEVEL`, 1 … 22                                       |
 //! | `tls-name=NAME`         | the DNS name to expect in the agent's certificate (when HOST is an address the certificate does not name) |
 //! | `connect-timeout=SECS`  | give up connecting after `SECS` seconds (1 … 3600)            |
+//! | `max-load=LOAD`         | do not choose it while its agent reports a 1-minute load average above `LOAD` (a finite number > 0); it counts as busy, like a machine whose slots are taken |
 //!
 //! # Other URI schemes
 //!
@@ -151,6 +152,39 @@ pub struct UriParams {
     pub tls_name: Option<String>,
     /// `connect-timeout=`.
     pub connect_timeout: Option<Duration>,
+    /// `max-load=`; `None` when absent (no limit).
+    pub max_load: Option<MaxLoad>,
+}
+
+/// A `max-load=` limit: finite and greater than zero, so that comparing a
+/// load average with it is always meaningful.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct MaxLoad(f64);
+
+impl MaxLoad {
+    /// `None` unless `value` is finite and positive.
+    pub fn new(value: f64) -> Option<Self> {
+        (value.is_finite() && value > 0.0).then_some(Self(value))
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// Whether a load average is above the limit.
+    pub fn exceeded_by(self, load_average: f64) -> bool {
+        load_average > self.0
+    }
+}
+
+// Never NaN (and never -0.0), so equality is reflexive and agrees with the
+// bit pattern that `Hash` uses.
+impl Eq for MaxLoad {}
+
+impl std::hash::Hash for MaxLoad {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
 }
 
 /// A parsed `nixq://host[:port][?params]` URI.
@@ -943,10 +977,22 @@ fn parse_params(query: &str, base: usize) -> Result<UriParams, FieldError> {
                     return Err(duplicate());
                 }
             }
+            "max-load" => {
+                let limit = value
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(MaxLoad::new)
+                    .ok_or_else(|| {
+                        FieldError::new(value_at, "a load average (a number > 0)", value)
+                    })?;
+                if params.max_load.replace(limit).is_some() {
+                    return Err(duplicate());
+                }
+            }
             _ => {
                 return Err(FieldError::new(
                     at,
-                    "a known parameter (compress, tls-name, connect-timeout)",
+                    "a known parameter (compress, tls-name, connect-timeout, max-load)",
                     key,
                 ))
             }
@@ -1281,6 +1327,22 @@ mod tests {
         assert_eq!(uri.port, 7000);
         assert_eq!(uri.server_name(), "s1.farm");
         assert_eq!(uri.params.connect_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(uri.params.max_load, None);
+        let limited = MachineUri::parse("nixq://h?max-load=1.5&compress=none").expect("parses");
+        assert_eq!(limited.params.max_load, MaxLoad::new(1.5));
+        assert_eq!(limited.params.max_load.map(MaxLoad::get), Some(1.5));
+        assert_eq!(limited.params.compress, Some(Compression::None));
+        assert_eq!(
+            MachineUri::parse("nixq://h?max-load=8")
+                .expect("parses")
+                .params
+                .max_load
+                .map(MaxLoad::get),
+            Some(8.0)
+        );
+        let limit = MaxLoad::new(2.0).expect("valid");
+        assert!(limit.exceeded_by(2.01) && !limit.exceeded_by(2.0));
+        assert!(MaxLoad::new(0.0).is_none() && MaxLoad::new(f64::NAN).is_none());
         assert_eq!(
             uri.to_string(),
             "nixq://[fd00::2]:7000?tls-name=s1.farm&connect-timeout=5"
@@ -1347,10 +1409,21 @@ mod tests {
             (
                 "nixq://h?level=3",
                 9,
-                "a known parameter (compress, tls-name, connect-timeout)",
+                "a known parameter (compress, tls-name, connect-timeout, max-load)",
             ),
             ("nixq://h?compress", 9, "a key=value parameter"),
             ("nixq://h?connect-timeout=0", 25, "seconds (1-3600)"),
+            ("nixq://h?max-load=0", 18, "a load average (a number > 0)"),
+            ("nixq://h?max-load=-1", 18, "a load average (a number > 0)"),
+            ("nixq://h?max-load=inf", 18, "a load average (a number > 0)"),
+            ("nixq://h?max-load=NaN", 18, "a load average (a number > 0)"),
+            ("nixq://h?max-load=", 18, "a load average (a number > 0)"),
+            ("nixq://h?max-load=two", 18, "a load average (a number > 0)"),
+            (
+                "nixq://h?max-load=2&max-load=3",
+                20,
+                "each parameter at most once",
+            ),
             (
                 "nixq://h?tls-name=a_b.c&tls-name=x",
                 24,

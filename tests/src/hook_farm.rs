@@ -38,7 +38,7 @@
 //! its max jobs (the agent's `max_builds` and column 4 agree), extra URI
 //! parameters, and whether its agent runs at all (a machine that is down).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -399,6 +399,74 @@ pub fn machine_base(machine: &str) -> &str {
     machine.split_once('?').map_or(machine, |(base, _)| base)
 }
 
+/// A live process as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: i32,
+    pub ppid: i32,
+    /// `argv`, from `/proc/PID/cmdline`.
+    pub argv: Vec<String>,
+}
+
+/// Every process of the machine (all farms' hosts included: they share the
+/// PID namespace of the tests). Processes that exit while being read, and
+/// zombies (empty command line), are left out.
+pub fn processes() -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // `PID (COMM) STATE PPID …`; COMM may contain spaces and parentheses.
+        let (_, after_comm) = stat.rsplit_once(')')?;
+        let ppid: i32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (!argv.is_empty()).then_some(ProcInfo { pid, ppid, argv })
+    })
+    .collect()
+}
+
+/// The live descendants of `root` (children, grandchildren…) whose program
+/// (the file name of `argv[0]`) is `program`. Nix starts its build hook in
+/// a session of its own (nix-interfaces.md §2), but still as its child.
+pub fn descendants_named(root: u32, program: &str) -> Vec<i32> {
+    let all = processes();
+    let Ok(root) = i32::try_from(root) else {
+        return Vec::new();
+    };
+    let mut tree = BTreeSet::from([root]);
+    // Parents may have larger pids than children (pid wrap): iterate to a
+    // fixed point, bounded by the number of processes.
+    for _ in 0..all.len() {
+        let before = tree.len();
+        let children: Vec<i32> = all
+            .iter()
+            .filter(|p| tree.contains(&p.ppid))
+            .map(|p| p.pid)
+            .collect();
+        tree.extend(children);
+        if tree.len() == before {
+            break;
+        }
+    }
+    all.iter()
+        .filter(|p| p.pid != root && tree.contains(&p.pid))
+        .filter(|p| {
+            Path::new(&p.argv[0])
+                .file_name()
+                .is_some_and(|name| name == program)
+        })
+        .map(|p| p.pid)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +489,25 @@ mod tests {
         );
         assert_eq!(machine_base("nixq://s2?compress=zstd"), "nixq://s2");
         assert_eq!(machine_base("nixq://s2"), "nixq://s2");
+    }
+
+    #[test]
+    fn processes_and_descendants_are_found() {
+        let me = std::process::id();
+        let mut child = Command::new("/bin/sleep")
+            .arg("7.31")
+            .spawn()
+            .expect("spawn sleep");
+        let found = descendants_named(me, "sleep");
+        let listed = processes()
+            .into_iter()
+            .any(|p| p.argv == ["/bin/sleep", "7.31"]);
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        assert!(found.contains(&pid), "{found:?} lacks {pid}");
+        assert!(listed);
+        assert!(descendants_named(me, "no-such-program").is_empty());
     }
 
     #[test]

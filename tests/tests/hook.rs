@@ -19,6 +19,9 @@
 //!   failed builder's log on the master.
 //! * [`a_killed_agent_is_a_transient_failure_and_a_down_slave_is_skipped`].
 //! * [`concurrent_builds_upload_shared_inputs_once`]: two `nix-build`s.
+//! * [`sigterm_to_the_hook_cancels_the_remote_build`]: SIGTERM to the
+//!   hook mid-build stops the builder on the slave (the agent's running
+//!   builds drop to 0, its `sleep` is gone) and `nix-build` fails.
 //! * [`classic_protocol_builds_and_cancels`]: the hook spoken to as Nix
 //!   0.10–0.12 did (fd 3 reply, fd 4 `okay`/`cancel`, three files).
 
@@ -26,7 +29,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nixq_common::store_path::StorePath;
-use nixq_e2e::hook_farm::{machine_base, remote_builds, HookFarm, Slave};
+use nixq_e2e::hook_farm::{
+    descendants_named, machine_base, processes, remote_builds, HookFarm, Slave,
+};
 use nixq_e2e::nixq::{registrations, Outcome};
 use nixq_e2e::{closure_expr, ClosureSpec, Fill, Host};
 
@@ -536,6 +541,92 @@ fn a_killed_agent_is_a_transient_failure_and_a_down_slave_is_skipped() {
         assert_ne!(machines[0], format!("nixq://{victim}"), "{}", run.stderr);
         assert_ne!(machines[0], "nixq://s0");
     }
+}
+
+/// Whether a process runs exactly `argv` anywhere on the machine.
+fn running(argv: &[&str]) -> bool {
+    processes().iter().any(|p| p.argv == argv)
+}
+
+/// Polls `check` every 100 ms until it holds; panics with `what` after
+/// `within`.
+fn wait_until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_to_the_hook_cancels_the_remote_build() {
+    let farm = HookFarm::new("hook-sig", &[Slave::new("s1")]).expect("hook farm");
+    // A sleep length no other test uses, so that its process is ours.
+    let builder_sleep = ["/bin/sleep", "29.37"];
+    let expr = farm
+        .write_expr(
+            "sig",
+            &independent_expr(&format!(
+                "  long = mk \"sig-long\" {{ sleep = \"{}\"; }};\n",
+                builder_sleep[1]
+            )),
+        )
+        .expect("expression");
+    let cmd = farm.nix_build_command(&expr, &["-A", "long"]);
+    let mut build = farm
+        .master()
+        .spawn("nix-build-sig", cmd)
+        .expect("spawn nix-build");
+    assert_eq!(
+        wait_for_remote_build(&mut build, Duration::from_secs(60)),
+        "nixq://s1"
+    );
+    wait_until(
+        "the agent reporting one running build",
+        Duration::from_secs(20),
+        || farm.status("s1").expect("status").running_builds == 1,
+    );
+    wait_until("the builder's sleep", Duration::from_secs(20), || {
+        running(&builder_sleep)
+    });
+
+    let hooks = descendants_named(build.pid(), "nixq-build-hook");
+    assert!(
+        !hooks.is_empty(),
+        "no nixq-build-hook under nix-build ({})",
+        build.pid()
+    );
+    let signalled_at = Instant::now();
+    for pid in &hooks {
+        // SAFETY: kill(2) has no memory effects; `pid` is a live child of
+        // our nix-build (a stale pid would at worst get ESRCH).
+        let rc = unsafe { libc::kill(*pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill({pid}, SIGTERM)");
+    }
+    wait_until(
+        "the agent reporting no running build",
+        Duration::from_secs(10),
+        || farm.status("s1").expect("status").running_builds == 0,
+    );
+    wait_until(
+        "the builder's sleep ending on the slave",
+        Duration::from_secs(10),
+        || !running(&builder_sleep),
+    );
+    let cancelled_after = signalled_at.elapsed();
+    let status = build
+        .wait_timeout(Duration::from_secs(30))
+        .expect("wait")
+        .expect("nix-build ends within 30 s of the hook's SIGTERM");
+    let log = build.log().expect("log");
+    eprintln!(
+        "SIGTERM to hook {hooks:?}: remote build cancelled after {cancelled_after:.1?}, \
+         nix-build {status} after {:.1?}\n{log}",
+        signalled_at.elapsed()
+    );
+    assert!(!status.success(), "nix-build succeeded\n{log}");
+    let status = farm.status("s1").expect("status");
+    assert_eq!(status.counters.builds_succeeded, 0, "{status:?}");
 }
 
 #[test]

@@ -8,11 +8,12 @@
 //! Nix's rule, kept exactly: a machine that is disabled (here: in back-off,
 //! or found unreachable by this process) does not count as "of the right
 //! type", so with no other machine the request is declined rather than
-//! postponed. nixq's addition: a machine whose agent says it is full is
-//! treated like one whose slots are all taken (right type, no free slot), so
-//! the request is postponed when the master cannot build it.
+//! postponed. nixq's addition: a machine whose agent says it is full, or
+//! whose load average is above the machine's `max-load=`, is treated like
+//! one whose slots are all taken (right type, no free slot), so the request
+//! is postponed when the master cannot build it.
 
-use nixq_common::machines::{self, Candidate, Decision, DecisionInput, MachineSpec};
+use nixq_common::machines::{self, Candidate, Decision, DecisionInput, MachineSpec, MaxLoad};
 use nixq_common::proto::Welcome;
 
 use super::modern::TryRequest;
@@ -96,13 +97,18 @@ pub fn decide_try(
 }
 
 /// What the agent's Welcome says about giving it this build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Usable,
     /// Every build slot of the agent is in use (by any master).
     Full {
         running: u32,
         max_jobs: u32,
+    },
+    /// Its 1-minute load average is above the machine's `max-load=`.
+    Overloaded {
+        load: f64,
+        limit: MaxLoad,
     },
     /// Its store is below its free-space floor: it would refuse the upload.
     LowSpace {
@@ -123,7 +129,7 @@ impl Verdict {
     /// Whether the machine still counts as the right type (postpone rather
     /// than decline when it is the only one).
     pub fn is_busy(&self) -> bool {
-        matches!(self, Self::Full { .. })
+        matches!(self, Self::Full { .. } | Self::Overloaded { .. })
     }
 }
 
@@ -134,6 +140,11 @@ impl std::fmt::Display for Verdict {
             Self::Full { running, max_jobs } => {
                 write!(f, "all its build slots are in use ({running}/{max_jobs})")
             }
+            Self::Overloaded { load, limit } => write!(
+                f,
+                "its load average {load:.2} is above its max-load {}",
+                limit.get()
+            ),
             Self::LowSpace { free, floor } => write!(
                 f,
                 "its store is below the free-space floor ({free} bytes free, floor {floor})"
@@ -147,8 +158,13 @@ impl std::fmt::Display for Verdict {
 }
 
 /// Judges an agent from its Welcome for a build of `system` into
-/// `store_dir`.
-pub fn verdict(welcome: &Welcome, system: &str, store_dir: &str) -> Verdict {
+/// `store_dir`, on a machine whose entry sets `max_load` (`max-load=`).
+pub fn verdict(
+    welcome: &Welcome,
+    system: &str,
+    store_dir: &str,
+    max_load: Option<MaxLoad>,
+) -> Verdict {
     let status = &welcome.status;
     if welcome.store_dir != store_dir {
         return Verdict::WrongStoreDir {
@@ -170,6 +186,12 @@ pub fn verdict(welcome: &Welcome, system: &str, store_dir: &str) -> Verdict {
         return Verdict::Full {
             running: status.running_builds,
             max_jobs: status.max_jobs,
+        };
+    }
+    if let Some(limit) = max_load.filter(|l| l.exceeded_by(status.load_average)) {
+        return Verdict::Overloaded {
+            load: status.load_average,
+            limit,
         };
     }
     Verdict::Usable
@@ -345,14 +367,17 @@ mod tests {
             ..AgentStatus::default()
         };
         let w = welcome(&["x86_64-linux"], ok.clone());
-        assert_eq!(verdict(&w, "x86_64-linux", "/nix/store"), Verdict::Usable);
-        assert_eq!(verdict(&w, "builtin", "/nix/store"), Verdict::Usable);
+        assert_eq!(
+            verdict(&w, "x86_64-linux", "/nix/store", None),
+            Verdict::Usable
+        );
+        assert_eq!(verdict(&w, "builtin", "/nix/store", None), Verdict::Usable);
         assert!(matches!(
-            verdict(&w, "aarch64-linux", "/nix/store"),
+            verdict(&w, "aarch64-linux", "/nix/store", None),
             Verdict::WrongSystem { .. }
         ));
         assert!(matches!(
-            verdict(&w, "x86_64-linux", "/other/store"),
+            verdict(&w, "x86_64-linux", "/other/store", None),
             Verdict::WrongStoreDir { .. }
         ));
         let full = welcome(
@@ -362,7 +387,7 @@ mod tests {
                 ..ok.clone()
             },
         );
-        let v = verdict(&full, "x86_64-linux", "/nix/store");
+        let v = verdict(&full, "x86_64-linux", "/nix/store", None);
         assert!(v.is_busy(), "{v}");
         let low = welcome(
             &["x86_64-linux"],
@@ -371,8 +396,67 @@ mod tests {
                 ..ok
             },
         );
-        let v = verdict(&low, "x86_64-linux", "/nix/store");
+        let v = verdict(&low, "x86_64-linux", "/nix/store", None);
         assert!(matches!(v, Verdict::LowSpace { free: 4, floor: 5 }), "{v}");
         assert!(!v.is_busy());
+    }
+
+    #[test]
+    fn a_machine_above_its_max_load_is_busy() {
+        let ms = machines(
+            "nixq://a?max-load=2.5 x86_64-linux - 4
+",
+        );
+        let limit = ms[0].uri.params.max_load;
+        assert_eq!(limit, MaxLoad::new(2.5));
+        let status = |load_average| AgentStatus {
+            max_jobs: 4,
+            running_builds: 0,
+            load_average,
+            ..AgentStatus::default()
+        };
+        let w = welcome(&["x86_64-linux"], status(2.5));
+        assert_eq!(
+            verdict(&w, "x86_64-linux", "/nix/store", limit),
+            Verdict::Usable,
+            "at the limit is not above it"
+        );
+        let w = welcome(&["x86_64-linux"], status(3.75));
+        let v = verdict(&w, "x86_64-linux", "/nix/store", limit);
+        assert!(
+            matches!(v, Verdict::Overloaded { load, .. } if load == 3.75),
+            "{v}"
+        );
+        assert!(v.is_busy(), "postponed like a full agent, not declined");
+        assert_eq!(
+            v.to_string(),
+            "its load average 3.75 is above its max-load 2.5"
+        );
+        // Without a limit the load does not matter.
+        assert_eq!(
+            verdict(&w, "x86_64-linux", "/nix/store", None),
+            Verdict::Usable
+        );
+        // A full agent is reported as full first.
+        let w = welcome(
+            &["x86_64-linux"],
+            AgentStatus {
+                running_builds: 4,
+                ..status(9.0)
+            },
+        );
+        assert!(matches!(
+            verdict(&w, "x86_64-linux", "/nix/store", limit),
+            Verdict::Full { .. }
+        ));
+        // Busy means postpone when the master cannot build it itself.
+        let busy = [View {
+            index: 0,
+            availability: Availability::Full,
+        }];
+        assert_eq!(
+            decide_try(&ms, &busy, &request(false, "x86_64-linux", &[]), &local()),
+            Decision::Postpone
+        );
     }
 }

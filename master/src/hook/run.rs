@@ -536,7 +536,12 @@ impl Scheduler<'_> {
                     s.record_success(&uri);
                 });
             }
-            match choice::verdict(client.welcome(), &request.needed_system, copy::STORE_DIR) {
+            match choice::verdict(
+                client.welcome(),
+                &request.needed_system,
+                copy::STORE_DIR,
+                spec.uri.params.max_load,
+            ) {
                 choice::Verdict::Usable => {
                     return Choice::Accept(Box::new(Accepted {
                         spec,
