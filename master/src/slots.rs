@@ -32,6 +32,8 @@ use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nixq_common::store::lock::{flock_exclusive, funlock};
+
 /// The lock every hook holds while it chooses a slot (§4.2 step 1).
 pub const MAIN_LOCK: &str = "main-lock";
 
@@ -147,7 +149,7 @@ impl LoadDir {
         let deadline = Instant::now() + max_wait;
         let mut poll = FIRST_POLL;
         loop {
-            if try_flock(&file)? {
+            if flock_exclusive(&file, false)? {
                 return Ok(MainLock { _file: file });
             }
             if Instant::now() >= deadline {
@@ -173,7 +175,7 @@ impl LoadDir {
         for slot in 0..max_jobs {
             let name = slot_file_name(uri, slot);
             let file = self.open(&name)?;
-            if try_flock(&file)? {
+            if flock_exclusive(&file, false)? {
                 if free.is_none() {
                     free = Some(SlotLock {
                         file,
@@ -287,8 +289,8 @@ impl SlotWatch {
     /// very moment sees it as taken, as it would a moment earlier.
     pub fn any_free(&self) -> io::Result<bool> {
         for file in &self.files {
-            if try_flock(file)? {
-                unlock(file)?;
+            if flock_exclusive(file, false)? {
+                funlock(file)?;
                 return Ok(true);
             }
         }
@@ -297,34 +299,6 @@ impl SlotWatch {
 }
 
 /// Releases a `flock` taken by [`try_flock`].
-fn unlock(file: &File) -> io::Result<()> {
-    // SAFETY: flock on an fd owned by `file`, which outlives the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// A non-blocking exclusive `flock`: `Ok(false)` if another open file
-/// description holds it.
-fn try_flock(file: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: flock on an fd owned by `file`, which outlives the call.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(err),
-        }
-    }
-}
-
 /// Seconds since the epoch, the clock of [`DownState`].
 pub fn unix_now() -> u64 {
     SystemTime::now()

@@ -11,10 +11,10 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
-use std::os::unix::io::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nixq_common::store::lock::flock_exclusive;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
@@ -93,7 +93,7 @@ pub async fn acquire(dir: &Path, uri: &str, max_wait: Duration) -> UploadLock {
     let deadline = Instant::now() + max_wait;
     let mut poll = FIRST_POLL;
     loop {
-        match try_lock(&file) {
+        match flock_exclusive(&file, false) {
             Ok(true) => {
                 return UploadLock {
                     file: Some(file),
@@ -143,23 +143,6 @@ fn open(dir: &Path, path: &Path) -> io::Result<File> {
         .truncate(false)
         .mode(0o600)
         .open(path)
-}
-
-/// A non-blocking exclusive `flock`: `Ok(false)` if someone else holds it.
-fn try_lock(file: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(err),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -53,19 +53,8 @@ impl PathLock {
                 .mode(0o600)
                 .custom_flags(libc::O_CLOEXEC)
                 .open(&lock_path)?;
-            let op = if wait {
-                libc::LOCK_EX
-            } else {
-                libc::LOCK_EX | libc::LOCK_NB
-            };
-            // SAFETY: flock on a file descriptor we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc != 0 {
-                let err = io::Error::last_os_error();
-                if !wait && err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    return Ok(None);
-                }
-                return Err(err);
+            if !flock_exclusive(&file, wait)? {
+                return Ok(None);
             }
             if file.metadata()?.len() == 0 {
                 return Ok(Some(Self { file, lock_path }));
@@ -85,6 +74,40 @@ impl PathLock {
         std::fs::remove_file(&self.lock_path)?;
         self.file.write_all(b"d")?;
         Ok(())
+    }
+}
+
+/// An exclusive `flock` on `file`. With `wait`, blocks until it is granted;
+/// without, `Ok(false)` means another open file description holds it.
+/// Interrupted calls are retried.
+pub fn flock_exclusive(file: &File, wait: bool) -> io::Result<bool> {
+    let op = if wait {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_EX | libc::LOCK_NB
+    };
+    loop {
+        // SAFETY: flock on a descriptor owned by `file`, which outlives the
+        // call; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EWOULDBLOCK) if !wait => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(err),
+        }
+    }
+}
+
+/// Releases an `flock` held through `file` (closing it does the same).
+pub fn funlock(file: &File) -> io::Result<()> {
+    // SAFETY: flock on a descriptor owned by `file`, which outlives the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
