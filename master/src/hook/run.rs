@@ -444,6 +444,47 @@ struct Scheduler<'a> {
     msgs: &'a Messenger,
 }
 
+impl<'a> Scheduler<'a> {
+    /// A scheduler over `machines`; a machines file that could not be read
+    /// leaves it with none and the error to report on every try.
+    fn new(
+        machines: Result<Vec<MachineSpec>, String>,
+        load_dir: LoadDir,
+        local: LocalCaps,
+        msgs: &'a Messenger,
+    ) -> Self {
+        let (machines, machines_error) = match machines {
+            Ok(machines) => (machines, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        Self {
+            machines,
+            machines_error,
+            load_dir,
+            local,
+            disabled: BTreeSet::new(),
+            no_wait_until: None,
+            msgs,
+        }
+    }
+
+    /// The scheduler of the classic and 1.x protocols: machines from
+    /// `NIX_REMOTE_SYSTEMS`, slots in `NIX_CURRENT_LOAD`, and only
+    /// `this_system` known about the local machine.
+    fn classic(this_system: &str, msgs: &'a Messenger) -> Self {
+        let local = LocalCaps {
+            systems: vec![this_system.to_owned()],
+            features: BTreeSet::new(),
+        };
+        Self::new(
+            classic_machines(this_system),
+            classic_load_dir(),
+            local,
+            msgs,
+        )
+    }
+}
+
 impl Scheduler<'_> {
     async fn choose(&mut self, request: &TryRequest) -> Choice {
         if let Some(e) = &self.machines_error {
@@ -730,23 +771,15 @@ fn modern_session(rt: &tokio::runtime::Runtime, msgs: &Messenger) -> Result<Outc
         Event::Exit => return Ok(Outcome::NoJob),
         _ => return Err(ModernError::NotAccepted.into()),
     };
-    let (machines, machines_error) =
-        match parse_machines("builders", &settings.builders, &settings.system) {
-            Ok(machines) => (machines, None),
-            Err(e) => (Vec::new(), Some(e.to_string())),
-        };
-    let mut scheduler = Scheduler {
-        machines,
-        machines_error,
-        load_dir: LoadDir::new(slots::default_load_dir()),
-        local: LocalCaps {
+    let mut scheduler = Scheduler::new(
+        parse_machines("builders", &settings.builders, &settings.system).map_err(|e| e.to_string()),
+        LoadDir::new(slots::default_load_dir()),
+        LocalCaps {
             systems: settings.local_systems(),
             features: settings.system_features.clone(),
         },
-        disabled: BTreeSet::new(),
-        no_wait_until: None,
         msgs,
-    };
+    );
     loop {
         let request = match events.next()? {
             Event::Try(request) => request,
@@ -842,28 +875,13 @@ fn classic_session(
 ) -> Result<Outcome, HookError> {
     let mut reply_fd = take_fd(3)?;
     let go_fd = take_fd(4)?;
-    let (machines, machines_error) = match classic_machines(&args.this_system) {
-        Ok(machines) => (machines, None),
-        Err(e) => (Vec::new(), Some(e)),
-    };
     let request = TryRequest {
         am_willing: args.can_build_more,
         needed_system: args.drv_system.clone(),
         drv_path: args.drv_path.clone(),
         required_features: required_features(&args.drv_path),
     };
-    let mut scheduler = Scheduler {
-        machines,
-        machines_error,
-        load_dir: classic_load_dir(),
-        local: LocalCaps {
-            systems: vec![args.this_system.clone()],
-            features: BTreeSet::new(),
-        },
-        disabled: BTreeSet::new(),
-        no_wait_until: None,
-        msgs,
-    };
+    let mut scheduler = Scheduler::classic(&args.this_system, msgs);
     let accepted = match rt.block_on(scheduler.choose(&request)) {
         Choice::Accept(accepted) => accepted,
         Choice::Answer(decision) => {
@@ -944,22 +962,7 @@ fn line_session(
 ) -> Result<Outcome, HookError> {
     set_cloexec(3);
     set_cloexec(5);
-    let (machines, machines_error) = match classic_machines(&args.this_system) {
-        Ok(machines) => (machines, None),
-        Err(e) => (Vec::new(), Some(e)),
-    };
-    let mut scheduler = Scheduler {
-        machines,
-        machines_error,
-        load_dir: classic_load_dir(),
-        local: LocalCaps {
-            systems: vec![args.this_system.clone()],
-            features: BTreeSet::new(),
-        },
-        disabled: BTreeSet::new(),
-        no_wait_until: None,
-        msgs,
-    };
+    let mut scheduler = Scheduler::classic(&args.this_system, msgs);
     let mut stdin = io::stdin().lock();
     let mut line = String::new();
     loop {
