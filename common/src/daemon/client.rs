@@ -11,8 +11,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -396,60 +398,69 @@ impl DaemonClient {
         &mut self,
         paths: &[StorePath],
     ) -> Result<Vec<Option<PathInfo>>, DaemonError> {
-        let op = self.begin(Op::QueryPathInfo)?;
+        let infos = self
+            .pipelined(Op::QueryPathInfo, paths, |reader, op, store_dir, path| {
+                Box::pin(read_path_info(reader, op, store_dir, path))
+            })
+            .await?;
+        Ok(infos.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Sends `op` with each path of `paths` as its one argument, in batches
+    /// of [`PIPELINE_DEPTH`] requests written while their replies are read
+    /// with `read_reply`, so `n` requests cost `n / PIPELINE_DEPTH` round
+    /// trips instead of `n`. Every reply is read even after Nix reported an
+    /// error for one (its slot is `None`), so the connection stays in step;
+    /// the first such error ends the operation after its batch.
+    async fn pipelined<T>(
+        &mut self,
+        op_code: Op,
+        paths: &[StorePath],
+        read_reply: ReadReply<T>,
+    ) -> Result<Vec<Option<T>>, DaemonError> {
+        let op = self.begin(op_code)?;
+        let version = self.version;
         let mut out = Vec::with_capacity(paths.len());
         let mut result = Ok(());
         for batch in paths.chunks(PIPELINE_DEPTH) {
-            result = self.query_path_info_batch(op, batch, &mut out).await;
+            let Self {
+                reader,
+                writer,
+                logger,
+                store_dir,
+                ..
+            } = &mut *self;
+            let write = async {
+                let mut enc = Encoder::new();
+                for path in batch {
+                    enc.u64(op_code.code()).str(path.as_str());
+                }
+                write_all(writer, op, enc.as_bytes()).await
+            };
+            let read = async {
+                let mut nix_error = None;
+                for path in batch {
+                    match stderr_loop(reader, logger, version, op, no_upload()).await? {
+                        Ok(()) => out.push(Some(read_reply(reader, op, store_dir, path).await?)),
+                        Err(err) => {
+                            nix_error.get_or_insert(err);
+                            out.push(None);
+                        }
+                    }
+                }
+                Ok::<_, DaemonError>(nix_error)
+            };
+            result = match tokio::try_join!(write, read) {
+                Ok(((), None)) => Ok(()),
+                Ok(((), Some(err))) => Err(nix_failure(op, err)),
+                Err(e) => Err(e),
+            };
             if result.is_err() {
                 break;
             }
         }
         self.settle(result)?;
         Ok(out)
-    }
-
-    async fn query_path_info_batch(
-        &mut self,
-        op: &'static str,
-        batch: &[StorePath],
-        out: &mut Vec<Option<PathInfo>>,
-    ) -> Result<(), DaemonError> {
-        let version = self.version;
-        let Self {
-            reader,
-            writer,
-            logger,
-            store_dir,
-            ..
-        } = self;
-        let write = async {
-            let mut enc = Encoder::new();
-            for path in batch {
-                enc.u64(Op::QueryPathInfo.code()).str(path.as_str());
-            }
-            write_all(writer, op, enc.as_bytes()).await
-        };
-        // Reads every reply even after Nix reported an error for one, so the
-        // connection stays in step; the first such error is returned.
-        let read = async {
-            let mut nix_error = None;
-            for path in batch {
-                match stderr_loop(reader, logger, version, op, no_upload()).await? {
-                    Ok(()) => out.push(read_path_info(reader, op, store_dir, path).await?),
-                    Err(err) => {
-                        nix_error.get_or_insert(err);
-                        out.push(None);
-                    }
-                }
-            }
-            Ok::<_, DaemonError>(nix_error)
-        };
-        let ((), nix_error) = tokio::try_join!(write, read)?;
-        match nix_error {
-            Some(err) => Err(nix_failure(op, err)),
-            None => Ok(()),
-        }
     }
 
     /// The closure of `roots`: every path they reference, directly or not,
@@ -728,57 +739,11 @@ impl DaemonClient {
     /// PIPELINE_DEPTH` round trips instead of `n`. Every path is a root when
     /// this returns `Ok`; after an error, some may be.
     pub async fn add_temp_roots(&mut self, paths: &[StorePath]) -> Result<(), DaemonError> {
-        let op = self.begin(Op::AddTempRoot)?;
-        let mut result = Ok(());
-        for batch in paths.chunks(PIPELINE_DEPTH) {
-            result = self.add_temp_root_batch(op, batch).await;
-            if result.is_err() {
-                break;
-            }
-        }
-        self.settle(result)
-    }
-
-    async fn add_temp_root_batch(
-        &mut self,
-        op: &'static str,
-        batch: &[StorePath],
-    ) -> Result<(), DaemonError> {
-        let version = self.version;
-        let Self {
-            reader,
-            writer,
-            logger,
-            ..
-        } = self;
-        let write = async {
-            let mut enc = Encoder::new();
-            for path in batch {
-                enc.u64(Op::AddTempRoot.code()).str(path.as_str());
-            }
-            write_all(writer, op, enc.as_bytes()).await
-        };
-        // Reads every reply even after Nix reported an error for one, so the
-        // connection stays in step; the first such error is returned.
-        let read = async {
-            let mut nix_error = None;
-            for _ in batch {
-                match stderr_loop(reader, logger, version, op, no_upload()).await? {
-                    Ok(()) => {
-                        reader.u64(op).await?;
-                    }
-                    Err(err) => {
-                        nix_error.get_or_insert(err);
-                    }
-                }
-            }
-            Ok::<_, DaemonError>(nix_error)
-        };
-        let ((), nix_error) = tokio::try_join!(write, read)?;
-        match nix_error {
-            Some(err) => Err(nix_failure(op, err)),
-            None => Ok(()),
-        }
+        self.pipelined(Op::AddTempRoot, paths, |reader, op, _, _| {
+            Box::pin(async move { reader.u64(op).await.map(drop) })
+        })
+        .await
+        .map(drop)
     }
 
     /// QueryMissing: what building `paths` would build, substitute, or
@@ -980,6 +945,18 @@ where
 }
 
 /// ValidPathInfo without the path, after QueryPathInfo's valid flag (§5.4).
+/// Reads one reply of a [`DaemonClient::pipelined`] operation. A plain
+/// function returning a boxed `Send` future, not an async closure: the
+/// client's futures must stay `Send` for every lifetime, as `tokio::spawn`
+/// requires of the agent's tasks that hold them.
+type ReadReply<T> = for<'r> fn(
+    &'r mut WireReader,
+    &'static str,
+    &'r StoreDir,
+    &'r StorePath,
+)
+    -> Pin<Box<dyn Future<Output = Result<T, DaemonError>> + Send + 'r>>;
+
 async fn read_path_info(
     reader: &mut WireReader,
     op: &'static str,
