@@ -239,6 +239,7 @@ async fn hello_query_missing_and_uploads() {
         let options = SendOptions {
             compression,
             store_root: Some(dir.path().to_path_buf()),
+            verify_hash: false,
         };
         let result = client
             .upload(infos.clone(), &options, |_| {})
@@ -249,14 +250,46 @@ async fn hello_query_missing_and_uploads() {
         assert!(result.outcomes.iter().all(|o| *o == UploadOutcome::Stored));
     }
 
-    // A path info whose hash is wrong for what is on disk is caught by the
-    // sender as a corrupt local store before the agent sees the NAR.
-    let mut corrupt = infos.clone();
-    corrupt[2].nar_hash = NarHash::of(b"not it");
-    let options = SendOptions {
+    // A path info whose hash is wrong for what is on disk: the agent finds
+    // out (bodies are not hashed by default when sent), and nothing of it
+    // is stored ...
+    let mut corrupt = infos[..2].to_vec();
+    let mut bad = infos[2].clone();
+    bad.path =
+        StorePath::parse_any(&format!("/nix/store/{}-corrupt", "c".repeat(32))).expect("path");
+    std::fs::copy(
+        dir.path()
+            .join(infos[2].path.as_str().trim_start_matches('/')),
+        dir.path().join(bad.path.as_str().trim_start_matches('/')),
+    )
+    .expect("copy");
+    bad.nar_hash = NarHash::of(b"not it");
+    corrupt.push(bad);
+    let mut options = SendOptions {
         compression: Compression::None,
         store_root: Some(dir.path().to_path_buf()),
+        verify_hash: false,
     };
+    let result = client
+        .upload(corrupt.clone(), &options, |_| {})
+        .await
+        .expect("upload ran");
+    assert!(
+        matches!(
+            result.outcomes.last(),
+            Some(UploadOutcome::HashMismatch { .. })
+        ),
+        "{:?}",
+        result.outcomes
+    );
+    let states = client
+        .query_missing(&[corrupt[2].path.clone()], false)
+        .await
+        .expect("queried");
+    assert_eq!(states, vec![PathState::Missing]);
+    // ... and a sender that hashes as it sends catches it as a corrupt local
+    // store before the agent sees the NAR.
+    options.verify_hash = true;
     let err = client
         .upload(corrupt, &options, |_| {})
         .await

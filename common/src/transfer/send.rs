@@ -26,15 +26,18 @@
 //!
 //! # Corruption of the local store
 //!
-//! The NAR of every path is hashed and counted as it is dumped. A NAR that
-//! grows past its recorded `nar_size` is cut off at that size, and one whose
-//! size or SHA-256 differs from its [`PathInfo`] ends the body with
-//! [`SendError::CorruptHash`] / [`SendError::CorruptSize`]: the sender's
-//! store is corrupt, and that is what the error says. On *any* error the
-//! caller must reset the stream (`SendStream::reset` with
-//! [`crate::proto::ErrorCode::Internal`]), never finish it, so that the
-//! receiver throws away the item it was reading; the receiver's own hash
-//! check is the second line of defence.
+//! The NAR of every path is counted as it is dumped: one that grows past
+//! its recorded `nar_size` is cut off at that size, and one whose size
+//! differs from its [`PathInfo`] ends the body with
+//! [`SendError::CorruptSize`]. The receiver hashes every NAR anyway, so the
+//! sender hashes only when [`SendOptions::verify_hash`] asks for it (a
+//! mismatch then ends the body with [`SendError::CorruptHash`]): hashing
+//! costs a quarter of the sender's CPU at full speed. A sender told of a
+//! hash mismatch by the receiver can find out whether its own store is to
+//! blame with [`check_local_nar`]. On *any* error the caller must reset the
+//! stream (`SendStream::reset` with [`crate::proto::ErrorCode::Internal`]),
+//! never finish it, so that the receiver throws away the item it was
+//! reading.
 
 use std::future::Future;
 use std::io::{self, Write};
@@ -111,6 +114,10 @@ pub struct SendOptions {
     /// `nix --store /tmp/root`): a path `/nix/store/x` is read from
     /// `store_root/nix/store/x`. `None` = read the store path itself.
     pub store_root: Option<PathBuf>,
+    /// Hash every NAR as it is dumped and end the body with
+    /// [`SendError::CorruptHash`] if it does not match its path info.
+    /// Off by default: the receiver checks the hash anyway.
+    pub verify_hash: bool,
 }
 
 impl SendOptions {
@@ -118,6 +125,7 @@ impl SendOptions {
         Self {
             compression,
             store_root: None,
+            verify_hash: false,
         }
     }
 
@@ -327,7 +335,13 @@ where
     for (index, item) in items.enumerate() {
         write_frame_blocking(out, &item).map_err(frame_error)?;
         if let Some(info) = item.nar_info() {
-            nar_bytes += write_nar(out, info, &options.location(&info.path), progress)?;
+            nar_bytes += write_nar(
+                out,
+                info,
+                &options.location(&info.path),
+                options.verify_hash,
+                progress,
+            )?;
         }
         count += 1;
         progress(SendProgress::ItemWritten { index });
@@ -343,17 +357,29 @@ fn frame_error(e: ProtoError) -> SendError {
     }
 }
 
-/// Dumps the NAR of `info` from `location` into `out`, checking it against
-/// `info` as it goes; returns its size.
+/// Dumps the NAR of `info` from `location` and checks its size and SHA-256
+/// against `info`, without sending it anywhere: what a sender runs when the
+/// receiver reports a hash mismatch, to tell a corrupt local store
+/// ([`SendError::CorruptHash`], [`SendError::CorruptSize`]) from anything
+/// else (`Ok`). Blocking; reads the whole path.
+pub fn check_local_nar(info: &PathInfo, location: &Path) -> Result<(), SendError> {
+    write_nar(&mut io::sink(), info, location, true, &mut |_| {}).map(drop)
+}
+
+/// Dumps the NAR of `info` from `location` into `out`, checking its size
+/// (and with `verify_hash` its hash) against `info` as it goes; returns its
+/// size.
 fn write_nar<W: Write, P: FnMut(SendProgress)>(
     out: &mut W,
     info: &PathInfo,
     location: &Path,
+    verify_hash: bool,
     progress: &mut P,
 ) -> Result<u64, SendError> {
     let mut verifier = Verifier {
         out,
-        hasher: NarHasher::new(),
+        hasher: verify_hash.then(NarHasher::new),
+        size: 0,
         limit: info.nar_size,
         overflowed: false,
         unreported: 0,
@@ -362,6 +388,7 @@ fn write_nar<W: Write, P: FnMut(SendProgress)>(
     let dumped = dump_path(location, &mut verifier);
     let Verifier {
         hasher,
+        size,
         overflowed,
         unreported,
         progress,
@@ -370,7 +397,6 @@ fn write_nar<W: Write, P: FnMut(SendProgress)>(
     if unreported > 0 {
         progress(SendProgress::NarBytes(unreported));
     }
-    let (hash, size) = hasher.finish();
     if overflowed {
         return Err(SendError::CorruptSize {
             path: info.path.clone(),
@@ -395,22 +421,27 @@ fn write_nar<W: Write, P: FnMut(SendProgress)>(
             got: size,
         });
     }
-    if hash != info.nar_hash {
-        return Err(SendError::CorruptHash {
-            path: info.path.clone(),
-            expected: info.nar_hash,
-            got: hash,
-        });
+    if let Some(hasher) = hasher {
+        let (hash, _) = hasher.finish();
+        if hash != info.nar_hash {
+            return Err(SendError::CorruptHash {
+                path: info.path.clone(),
+                expected: info.nar_hash,
+                got: hash,
+            });
+        }
     }
     Ok(size)
 }
 
-/// Hashes and counts the NAR on its way to the body, and refuses to let it
-/// grow past its recorded size: the receiver reads exactly `nar_size` bytes
-/// and would take the excess for the next frame.
+/// Counts (and optionally hashes) the NAR on its way to the body, and
+/// refuses to let it grow past its recorded size: the receiver reads
+/// exactly `nar_size` bytes and would take the excess for the next frame.
 struct Verifier<'a, W, P> {
     out: &'a mut W,
-    hasher: NarHasher,
+    hasher: Option<NarHasher>,
+    /// NAR bytes written so far.
+    size: u64,
     limit: u64,
     overflowed: bool,
     unreported: u64,
@@ -419,7 +450,7 @@ struct Verifier<'a, W, P> {
 
 impl<W: Write, P: FnMut(SendProgress)> Write for Verifier<'_, W, P> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = self.limit - self.hasher.size();
+        let room = self.limit - self.size;
         if buf.len() as u64 > room {
             self.overflowed = true;
             return Err(io::Error::other(
@@ -427,7 +458,10 @@ impl<W: Write, P: FnMut(SendProgress)> Write for Verifier<'_, W, P> {
             ));
         }
         let n = self.out.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         self.unreported += n as u64;
         if self.unreported >= PROGRESS_GRAIN {
             (self.progress)(SendProgress::NarBytes(self.unreported));
@@ -564,6 +598,7 @@ mod tests {
         SendOptions {
             compression,
             store_root: Some(store.root.path().to_path_buf()),
+            verify_hash: true,
         }
     }
 
@@ -722,6 +757,33 @@ mod tests {
                 bytes.len() as u64 <= 2 * 4096 + store.infos[0].nar_size + store.infos[2].nar_size
             );
         }
+    }
+
+    #[tokio::test]
+    async fn unverified_hash_is_sent_and_checked_on_demand() {
+        let store = make_store();
+        let mut wrong_hash = store.infos[2].clone();
+        wrong_hash.nar_hash = NarHash::of(b"something else");
+        let options = SendOptions {
+            verify_hash: false,
+            ..options(&store, Compression::None)
+        };
+        let items = vec![UploadItem::Path(wrong_hash.clone())];
+        let (result, bytes, _) = send_to_vec(items, &options).await;
+        result.expect("sizes match, so the body goes out whole");
+        let got = read_body(&bytes, Compression::None);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, store.infos[2].nar_hash);
+        // What a sender runs after the receiver's hash mismatch.
+        let location = options.location(&wrong_hash.path);
+        let err = check_local_nar(&wrong_hash, &location).expect_err("corrupt");
+        assert!(matches!(err, SendError::CorruptHash { .. }), "{err}");
+        check_local_nar(&store.infos[2], &location).expect("the real info matches");
+        // Sizes are checked even without hashing.
+        let mut too_large = store.infos[0].clone();
+        too_large.nar_size += 8;
+        let (result, _, _) = send_to_vec(vec![UploadItem::Path(too_large)], &options).await;
+        assert!(matches!(result, Err(SendError::CorruptSize { .. })));
     }
 
     #[tokio::test]
