@@ -33,11 +33,11 @@ use nixq_common::proto::{
 use nixq_common::store::RegistrationBatcher;
 use nixq_common::store_path::{StoreDir, StorePath, StorePathError};
 use nixq_common::transfer::receive::{BodyReader, Importer, ItemError, Locking};
-use nixq_common::transfer::send::{SendOptions, SendProgress};
+use nixq_common::transfer::send::{check_local_nar, SendOptions, SendProgress};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::agent_client::{AgentClient, AgentTarget, ClientError};
+use crate::agent_client::{AgentClient, AgentTarget, ClientError, UploadResult};
 use crate::batch::{batches, BatchLimits};
 use crate::progress::Progress;
 use crate::target::{self, Credentials, MachinesSource, TargetError};
@@ -637,6 +637,14 @@ async fn send_handed_over(
 /// streams, recording outcomes in `tally`. Returns an error only for a
 /// failure that ends the copy; passing failures leave paths out of
 /// `tally.done` for the next round.
+///
+/// At most `plan.jobs` bodies are being written at once, but a stream whose
+/// body is written frees its place for the next batch while it waits for
+/// its last results: the agent registers a batch's paths tens of
+/// milliseconds after their bytes arrive, and waiting for that before
+/// sending more left both ends idle between batches (5,001 small paths:
+/// 16 batches in 4 stop-and-go rounds). Up to [`OPEN_UPLOADS_PER_JOB`] ×
+/// `plan.jobs` streams are open at once.
 async fn upload_all(
     client: &Arc<AgentClient>,
     infos: Vec<PathInfo>,
@@ -648,52 +656,76 @@ async fn upload_all(
         return Ok(());
     }
     let cut = batches(&infos, BatchLimits::for_transfer(&infos, plan.jobs));
-    let queue: Arc<Mutex<std::vec::IntoIter<Vec<PathInfo>>>> = Arc::new(Mutex::new(
-        cut.into_iter()
-            .map(|range| infos[range].to_vec())
-            .collect::<Vec<_>>()
-            .into_iter(),
-    ));
     let options = SendOptions::new(plan.compression);
-    let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
-    for _ in 0..plan.jobs {
-        let client = Arc::clone(client);
-        let queue = Arc::clone(&queue);
-        let tally = Arc::clone(tally);
-        let progress = progress.clone();
-        let options = options.clone();
-        workers.spawn(async move {
-            loop {
-                // Batches are taken in order, so a batch's references are
-                // in it or in a batch already under way.
-                let Some(batch) = lock(&queue).next() else {
-                    return Ok(());
-                };
-                upload_batch(&client, batch, &options, &progress, &tally).await?;
+    let writing = Arc::new(Semaphore::new(plan.jobs));
+    let open = Arc::new(Semaphore::new(plan.jobs * OPEN_UPLOADS_PER_JOB));
+    let mut uploads: JoinSet<Result<(), CopyError>> = JoinSet::new();
+    // Batches start in order, so a batch's references are in it or in a
+    // batch already under way (the agent waits for those).
+    for range in cut {
+        let permits = async {
+            let open = Arc::clone(&open).acquire_owned().await;
+            let writing = Arc::clone(&writing).acquire_owned().await;
+            (open, writing)
+        };
+        tokio::pin!(permits);
+        let (open_permit, writing_permit) = loop {
+            tokio::select! {
+                (open, writing) = &mut permits => match (open, writing) {
+                    (Ok(open), Ok(writing)) => break (open, writing),
+                    _ => return Err(CopyError::Internal("upload permits closed".into())),
+                },
+                Some(joined) = uploads.join_next() => upload_ended(joined)?,
             }
+        };
+        let client = Arc::clone(client);
+        let batch = infos[range].to_vec();
+        let options = options.clone();
+        let progress = progress.clone();
+        let tally = Arc::clone(tally);
+        uploads.spawn(async move {
+            let result =
+                upload_batch(&client, batch, &options, &progress, &tally, writing_permit).await;
+            drop(open_permit);
+            result
         });
     }
-    while let Some(joined) = workers.join_next().await {
-        let result = joined.map_err(|e| CopyError::Internal(format!("upload task: {e}")))?;
-        // Dropping the set aborts the other workers.
-        result?;
+    while let Some(joined) = uploads.join_next().await {
+        // Dropping the set aborts the other uploads.
+        upload_ended(joined)?;
     }
     Ok(())
 }
 
+/// Streams per `--jobs` that may be open at once: one writing its body, the
+/// other waiting for its last results.
+const OPEN_UPLOADS_PER_JOB: usize = 2;
+
+fn upload_ended(
+    joined: Result<Result<(), CopyError>, tokio::task::JoinError>,
+) -> Result<(), CopyError> {
+    joined.map_err(|e| CopyError::Internal(format!("upload task: {e}")))?
+}
+
+/// Uploads one batch on a stream of its own. `writing` is released as soon
+/// as the last item is in the body (or the upload ends), before the
+/// results are in.
 async fn upload_batch(
     client: &AgentClient,
     batch: Vec<PathInfo>,
     options: &SendOptions,
     progress: &Progress,
     tally: &Mutex<Tally>,
+    writing: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), CopyError> {
     let bar = progress.clone();
+    let last = batch.len().saturating_sub(1);
+    let mut writing = Some(writing);
     let result = client
-        .upload(batch.clone(), options, move |event| {
-            if let SendProgress::NarBytes(n) = event {
-                bar.bytes(n);
-            }
+        .upload(batch.clone(), options, move |event| match event {
+            SendProgress::NarBytes(n) => bar.bytes(n),
+            SendProgress::ItemWritten { index } if index >= last => drop(writing.take()),
+            SendProgress::ItemWritten { .. } => {}
         })
         .await;
     let result = match result {
@@ -707,7 +739,30 @@ async fn upload_batch(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut tally = lock(tally);
+    let rejected = record_outcomes(&batch, &result, progress, &mut lock(tally));
+    let Some((info, outcome)) = rejected else {
+        return Ok(());
+    };
+    if let UploadOutcome::HashMismatch { .. } = outcome {
+        // Bodies are not hashed as they are sent: find out now whether our
+        // own store is to blame.
+        check_local(info, options).await?;
+    }
+    Err(CopyError::Rejected {
+        uri: client.uri().to_owned(),
+        path: info.path.clone(),
+        outcome: Box::new(outcome.clone()),
+    })
+}
+
+/// Records a batch's outcomes in `tally`; returns the first outcome that
+/// ends the copy, with its path.
+fn record_outcomes<'a>(
+    batch: &'a [PathInfo],
+    result: &'a UploadResult,
+    progress: &Progress,
+    tally: &mut Tally,
+) -> Option<(&'a PathInfo, &'a UploadOutcome)> {
     for (info, outcome) in batch.iter().zip(&result.outcomes) {
         match outcome {
             UploadOutcome::Stored => {
@@ -723,19 +778,24 @@ async fn upload_batch(
             failed if is_retryable(failed) => {
                 tally.last_problem = Some(format!("{}: {}", info.path, outcome_text(failed)));
             }
-            failed => {
-                return Err(CopyError::Rejected {
-                    uri: client.uri().to_owned(),
-                    path: info.path.clone(),
-                    outcome: Box::new(failed.clone()),
-                })
-            }
+            failed => return Some((info, failed)),
         }
     }
-    if let Some(reason) = result.interrupted {
-        tally.last_problem = Some(reason);
+    if let Some(reason) = &result.interrupted {
+        tally.last_problem = Some(reason.clone());
     }
-    Ok(())
+    None
+}
+
+/// Re-reads `info`'s path from the local store after the agent found its
+/// NAR hash wrong: a corrupt local store is the error then.
+async fn check_local(info: &PathInfo, options: &SendOptions) -> Result<(), CopyError> {
+    let location = options.location(&info.path);
+    let info = info.clone();
+    tokio::task::spawn_blocking(move || check_local_nar(&info, &location))
+        .await
+        .map_err(|e| CopyError::Internal(format!("local hash check: {e}")))?
+        .map_err(|e| CopyError::Agent(ClientError::Send(e)))
 }
 
 // ---------------------------------------------------------------------------

@@ -15,7 +15,8 @@
 //!   [`stopped_or_killed_agent_leaves_nothing_and_a_rerun_completes`]:
 //!   interrupting a 200 MiB transfer at either end leaves no partial path.
 //! * [`corrupt_nars_are_rejected_and_leave_nothing`]: hand-made uploads whose
-//!   NAR does not match the path info are refused with a hash mismatch.
+//!   NAR does not match the path info are refused with a hash mismatch; a
+//!   copy from a corrupt master store fails naming the master's store.
 //! * [`masters_with_bad_certificates_are_refused`]: no certificate, another
 //!   CA's, an agent's; the agent stays up for a good master.
 //! * [`query_missing_of_100000_paths`], [`large_single_path_with_bounded_agent_memory`]:
@@ -579,7 +580,7 @@ fn corrupt_nars_are_rejected_and_leave_nothing() {
     // 2. A real path of the master (a `builtins.toFile` source: no
     //    references) with its true info and one byte of its NAR flipped in
     //    flight.
-    let (_, closure) = build_closure(master, &ClosureSpec::new("corrupt"));
+    let (closure_root, closure) = build_closure(master, &ClosureSpec::new("corrupt"));
     let source = closure
         .iter()
         .find(|p| p.name().ends_with("-src"))
@@ -656,6 +657,71 @@ fn corrupt_nars_are_rejected_and_leave_nothing() {
     let counters = d.status().counters;
     assert_eq!(counters.uploads_rejected, 2, "{counters:?}");
     assert_eq!(counters.paths_received, 1, "{counters:?}");
+
+    // 3. A corrupt master store: one byte of a file of the closure flipped
+    //    on disk, the size unchanged. The copy does not hash what it sends;
+    //    the agent refuses the NAR, and the copy then re-reads the path and
+    //    names its own store as the culprit.
+    let (victim, file) = closure
+        .iter()
+        .filter(|p| **p != source)
+        .find_map(|p| {
+            first_regular_file(&master.dir().join(p.as_str().trim_start_matches('/')))
+                .map(|f| (p.clone(), f))
+        })
+        .expect("a regular file in the closure");
+    flip_first_byte(&file);
+    let cmd = copy_command(
+        master,
+        &d.creds,
+        Direction::To,
+        &d.agent.uri(),
+        &[closure_root],
+        &[],
+    )
+    .expect("command");
+    let out = run_outcome(master, cmd, nixq::COPY_TIMEOUT).expect("ran");
+    assert_eq!(out.code, Some(6), "exit 6 (hash mismatch): {out:?}");
+    assert!(
+        out.stderr.contains("local store is corrupt") && out.stderr.contains(victim.as_str()),
+        "{out:?}"
+    );
+    // The agent saw the NAR and refused it.
+    let counters = d.status().counters;
+    assert_eq!(counters.uploads_rejected, 3, "{counters:?}");
+    assert!(!s1.is_valid(&victim).expect("validity"));
+    assert_eq!(nixq::bytes_on_disk(s1, &victim), 0, "nothing of {victim}");
+    s1.verify_store().expect("verify");
+    assert_clean(s1);
+    flip_first_byte(&file);
+}
+
+/// The first regular file at or under `path` (depth first, sorted).
+fn first_regular_file(path: &std::path::Path) -> Option<PathBuf> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if meta.is_file() && meta.len() > 0 {
+        return Some(path.to_path_buf());
+    }
+    if !meta.is_dir() {
+        return None;
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    entries.iter().find_map(|e| first_regular_file(e))
+}
+
+/// Flips the first byte of a (read-only) store file in place.
+fn flip_first_byte(file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(file).expect("stat").permissions().mode();
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode | 0o200)).expect("chmod");
+    let mut bytes = std::fs::read(file).expect("read");
+    bytes[0] ^= 0x01;
+    std::fs::write(file, &bytes).expect("write");
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).expect("chmod back");
 }
 
 #[test]
