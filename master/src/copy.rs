@@ -443,21 +443,11 @@ async fn run_to(plan: &Plan, progress: &Progress) -> Result<Report, CopyError> {
     let result = send_closure(&client, closure, plan, progress).await;
     drop(lock);
     if let Ok(client) = Arc::try_unwrap(client) {
-        // `close` waits out QUIC's draining period (three probe timeouts:
-        // 85 ms measured on a LAN, a no-op copy's largest cost) so that a
-        // lost CONNECTION_CLOSE could be sent again. The close frame itself
-        // leaves on the connection driver's next poll; once it is out,
-        // nothing is left to do, and a lost one costs the agent no more
-        // than its idle timeout before it drops this connection's claims.
-        let _ = tokio::time::timeout(CLOSE_SEND, client.close()).await;
+        client.close().await;
         tracing::debug!("connection closed");
     }
     result
 }
-
-/// How long the end of a `--to` copy waits for its connection close to be
-/// sent (see [`run_to`]): a few driver polls, not a draining period.
-const CLOSE_SEND: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// The closure of `roots` in dependency order; with `include_outputs`, the
 /// valid outputs of every derivation in it and their closures too.
