@@ -22,8 +22,10 @@
 //! * [`sigterm_to_the_hook_cancels_the_remote_build`]: SIGTERM to the
 //!   hook mid-build stops the builder on the slave (the agent's running
 //!   builds drop to 0, its `sleep` is gone) and `nix-build` fails.
-//! * [`classic_protocol_builds_and_cancels`]: the hook spoken to as Nix
-//!   0.10–0.12 did (fd 3 reply, fd 4 `okay`/`cancel`, three files).
+//! * [`classic_and_line_protocols_build`]: the hook spoken to as Nix
+//!   0.10–0.12 did (fd 3 reply, fd 4 `okay`/`cancel`, three files), and as
+//!   Nix 1.x did (request lines on stdin, `# accept` on stderr, inputs and
+//!   outputs as two lines, the build log on fd 4).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -852,7 +854,7 @@ fn lines_of(paths: &[StorePath]) -> String {
 }
 
 #[test]
-fn classic_protocol_builds_and_cancels() {
+fn classic_and_line_protocols_build() {
     let farm = HookFarm::new("hook-classic", &[Slave::new("s1")]).expect("hook farm");
     let master = farm.master();
     let expr = farm
@@ -867,6 +869,10 @@ fn classic_protocol_builds_and_cancels() {
     args = [ "-e" "-c" "echo building classic-top; echo classic-top on stderr >&2; /bin/mkdir $out; echo $dep > $out/dep; while read l; do echo $l; done < $src > $out/src" ];
   };
   cancelled = mk "classic-cancelled" {};
+  line = mk "line-top" {
+    inherit dep;
+    args = [ "-e" "-c" "echo building line-top; /bin/mkdir $out; echo $dep > $out/dep" ];
+  };
 "#,
             ),
         )
@@ -963,4 +969,101 @@ fn classic_protocol_builds_and_cancels() {
     );
     let out = outputs_of(master, &drv);
     assert!(!master.is_valid(&out[0]).expect("validity"));
+
+    // The Nix 1.x line protocol (§3.3): request lines on stdin, replies on
+    // stderr, then the inputs and the outputs as two lines; the builder log
+    // on fd 4.
+    let drv = farm
+        .instantiate(&expr, &["-A", "line"])
+        .expect("instantiate")
+        .pop()
+        .expect("drv");
+    let outputs = outputs_of(master, &drv);
+    let build_log = master.dir().join("line-build.log");
+    let log_file = std::fs::File::create(&build_log).expect("build log file");
+    let mut cmd = master.cmd(farm.hook_bin());
+    cmd.args([system.as_str(), "0", "0", "0"])
+        .env("NIX_BUILD_HOOK", farm.hook_bin())
+        .env("NIX_REMOTE_SYSTEMS", farm.machines_file())
+        .env("NIX_CURRENT_LOAD", master.dir().join("classic-load"));
+    {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::process::CommandExt as _;
+        let fd = log_file.as_raw_fd();
+        // SAFETY: fcntl and dup2 on a descriptor open in the parent until
+        // spawn returns: async-signal-safe, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if high < 0 || libc::dup2(high, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut hook = master
+        .spawn_with("hook-line", cmd, nixq_e2e::Stdin::Piped)
+        .expect("spawn the hook");
+    drop(log_file);
+    let mut stdin = hook.take_stdin().expect("stdin");
+    {
+        use std::io::Write as _;
+        // A system nobody has first: declined, and the same process goes on.
+        writeln!(stdin, "0 mips64-linux {drv} ").expect("request");
+        hook.wait_for_log("# decline", Duration::from_secs(30))
+            .expect("declined");
+        writeln!(stdin, "1 {system} {drv} ").expect("request");
+        hook.wait_for_log("# accept", Duration::from_secs(30))
+            .expect("accepted");
+        let inputs: Vec<StorePath> = {
+            let mut all: BTreeSet<StorePath> = master
+                .closure(&dep_out)
+                .expect("closure")
+                .into_iter()
+                .collect();
+            all.extend(
+                master
+                    .closure(std::slice::from_ref(&drv))
+                    .expect("drv closure"),
+            );
+            all.into_iter().collect()
+        };
+        let words = |paths: &[StorePath]| {
+            paths
+                .iter()
+                .map(StorePath::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        writeln!(stdin, "{}", words(&inputs)).expect("inputs");
+        writeln!(stdin, "{}", words(&outputs)).expect("outputs");
+    }
+    drop(stdin);
+    let status = hook
+        .wait_timeout(BUILD_TIMEOUT)
+        .expect("wait")
+        .unwrap_or_else(|| {
+            panic!(
+                "the 1.x hook still runs:\n{}",
+                hook.log().unwrap_or_default()
+            )
+        });
+    let log = hook.log().expect("log");
+    assert!(status.success(), "{status}\n{log}");
+    let built = std::fs::read_to_string(&build_log).expect("build log");
+    assert!(
+        built.contains("building line-top"),
+        "fd 4 carries the build log: {built:?}"
+    );
+    assert_eq!(master.valid_paths(&outputs).expect("validity"), outputs);
+    let ours = registrations(master, &outputs).expect("registrations");
+    let theirs = registrations(farm.host("s1"), &outputs).expect("registrations");
+    for out in &outputs {
+        assert_eq!(
+            (&ours[out].nar_hash, &ours[out].references),
+            (&theirs[out].nar_hash, &theirs[out].references)
+        );
+    }
+    master.verify_store().expect("verify");
 }
