@@ -71,6 +71,8 @@ pub struct Slave {
     uri_params: String,
     running: bool,
     extra_nix_conf: String,
+    /// The agent's `min_free_space` (bytes); 0 = no floor.
+    min_free_space: u64,
 }
 
 impl Slave {
@@ -85,7 +87,15 @@ impl Slave {
             uri_params: String::new(),
             running: true,
             extra_nix_conf: String::new(),
+            min_free_space: 0,
         }
+    }
+
+    /// The agent's free-space floor, in bytes: above the store's free space,
+    /// the agent refuses uploads and builds and hooks should not choose it.
+    pub fn min_free_space(mut self, bytes: u64) -> Self {
+        self.min_free_space = bytes;
+        self
     }
 
     /// Supported features (machines column 6, and the slave Nix's
@@ -190,9 +200,10 @@ impl Slave {
     fn agent_toml(&self) -> String {
         let features: Vec<String> = self.features().iter().map(|f| format!("{f:?}")).collect();
         format!(
-            "max_builds = {}\nfeatures = [{}]",
+            "max_builds = {}\nfeatures = [{}]\nmin_free_space = {}",
             self.max_jobs,
-            features.join(", ")
+            features.join(", "),
+            self.min_free_space
         )
     }
 }
@@ -533,7 +544,7 @@ mod tests {
         );
         assert_eq!(
             slave.agent_toml(),
-            "max_builds = 1\nfeatures = [\"kvm\", \"perf\"]"
+            "max_builds = 1\nfeatures = [\"kvm\", \"perf\"]\nmin_free_space = 0"
         );
     }
 }

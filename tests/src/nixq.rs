@@ -228,10 +228,11 @@ pub struct Agent {
 impl Agent {
     /// Installs an agent on `host`: its certificate and key, the CA, and
     /// `etc/nixq/agent.toml` (listen on [`AGENT_PORT`], private
-    /// `nix-daemon --stdio`, no free-space floor, a 10 s idle timeout so
-    /// that a killed master's claims and partial uploads are dropped
-    /// quickly; keep-alives go every 5 s), followed by `extra_toml` (top-level
-    /// keys only, e.g. `allowed_masters = ["m"]`). Returns the config file.
+    /// `nix-daemon --stdio`, no free-space floor unless `extra_toml` sets
+    /// `min_free_space`, a 10 s idle timeout so that a killed master's
+    /// claims and partial uploads are dropped quickly; keep-alives go every
+    /// 5 s), followed by `extra_toml` (top-level keys only, e.g.
+    /// `allowed_masters = ["m"]`). Returns the config file.
     pub fn install(host: &Host, pki: &Pki, extra_toml: &str) -> NixqResult<PathBuf> {
         let leaf = pki.agent_leaf(host)?;
         let ca = host.write_file(&format!("{NIXQ_DIR}/ca.crt"), pki.ca_pem())?;
@@ -244,13 +245,21 @@ impl Agent {
              ca = {ca:?}\n\
              cert = {cert:?}\n\
              key = {key:?}\n\
-             min_free_space = 0\n\
+             {floor}\
              {extra_toml}\n\
              [store]\n\
              force_stdio = true\n\
              [limits]\n\
              idle_timeout_secs = 10\n",
             name = host.name(),
+            floor = if extra_toml
+                .lines()
+                .any(|l| l.trim_start().starts_with("min_free_space"))
+            {
+                ""
+            } else {
+                "min_free_space = 0\n"
+            },
         );
         Ok(host.write_file(&format!("{NIXQ_DIR}/agent.toml"), toml)?)
     }

@@ -10,8 +10,9 @@
 //!   registered; `nix-store -l` on the master shows each builder's output.
 //! * [`routing_follows_systems_and_features`]: `kvm` derivations go only
 //!   to the slave supporting `kvm`; the slave with the mandatory feature
-//!   `perf` gets only `perf` derivations; a derivation for a system nobody
-//!   has fails with Nix's own message, quickly.
+//!   `perf` gets only `perf` derivations; the fastest slave, below its
+//!   free-space floor, gets nothing; a derivation for a system nobody has
+//!   fails with Nix's own message, quickly.
 //! * [`one_build_at_a_time_per_slave`]: with max jobs 1, ten 1-second builds
 //!   never overlap on an agent (its peak running builds is 1) and all
 //!   complete (Nix's postpone loop works).
@@ -241,6 +242,9 @@ fn routing_follows_systems_and_features() {
             Slave::new("s1").supports(&["kvm"]),
             Slave::new("s2"),
             Slave::new("s3").mandatory(&["perf"]),
+            // The fastest, but its store is below its free-space floor:
+            // every hook must pass it over.
+            Slave::new("s4").speed(100).min_free_space(1 << 60),
         ],
     )
     .expect("hook farm");
@@ -284,6 +288,12 @@ fn routing_follows_systems_and_features() {
     let on_s1 = kvm.len() + plain.iter().filter(|m| *m == "nixq://s1").count();
     assert_eq!(started("s1"), on_s1 as u64);
     assert_eq!(started("s2"), (plain.len() + kvm.len() - on_s1) as u64);
+    assert_eq!(started("s4"), 0);
+    assert!(
+        run.stderr.contains("not using nixq://s4") && run.stderr.contains("free"),
+        "the hook says why it passes s4 over: {}",
+        run.stderr
+    );
 
     // A system nobody has: Nix's own error, not a hang.
     let started_at = Instant::now();
