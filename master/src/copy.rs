@@ -15,8 +15,11 @@
 //!   a fresh QueryMissing, up to [`MAX_ROUNDS`] times.
 //! * `--from`: the closure's path infos from the agent (QueryPathInfos), the
 //!   ones missing locally (QueryValidPaths), downloaded over parallel
-//!   Download streams and imported by the receive half of the transfer
-//!   engine (restore under Nix's lock, hash check, batched registration).
+//!   Download streams and imported, as root, by the receive half of the
+//!   transfer engine (restore under Nix's lock, hash check, batched
+//!   registration); as any other user, through the local Nix daemon
+//!   (AddToStoreNar, which checks hashes, and signatures for users it does
+//!   not trust).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -79,7 +82,10 @@ pub struct CopyArgs {
         conflicts_with = "from"
     )]
     pub to: Option<String>,
-    /// Copy from this agent (same forms as --to).
+    /// Copy from this agent (same forms as --to). As root, paths are
+    /// written into the store directly; as another user, they go through
+    /// the Nix daemon, which accepts unsigned paths only from its
+    /// trusted-users.
     #[arg(long, value_name = "HOST")]
     pub from: Option<String>,
     /// Store paths whose closures to copy (or paths inside them, or
@@ -193,6 +199,12 @@ pub enum CopyError {
         path: StorePath,
         outcome: Box<UploadOutcome>,
     },
+    #[error("the local Nix daemon refused {path}: {source}; it takes unsigned paths only from users in its `trusted-users` (or copy as root)")]
+    Untrusted {
+        path: StorePath,
+        #[source]
+        source: Box<DaemonError>,
+    },
     #[error("cannot import {path} from {uri}: {source}")]
     Import {
         uri: String,
@@ -201,7 +213,7 @@ pub enum CopyError {
         source: Box<ItemError>,
     },
     #[error(
-        "copying into the local store needs root (the store is written directly); run as root"
+        "copying into the local store needs root or a Nix daemon, and there is no daemon socket at {DEFAULT_SOCKET}"
     )]
     NotRoot,
     #[error("{count} paths could not be copied to {uri} after {MAX_ROUNDS} attempts; the last problem: {last}")]
@@ -872,11 +884,16 @@ async fn fetch_missing(
         return Ok(report);
     }
     // SAFETY: geteuid has no preconditions and touches no memory.
-    if unsafe { libc::geteuid() } != 0 {
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && !Path::new(DEFAULT_SOCKET).exists() {
         return Err(CopyError::NotRoot);
     }
     progress.add_work(missing.len() as u64, report.bytes);
-    download_all(client, missing, plan, progress, daemon).await?;
+    if root {
+        download_all(client, missing, plan, progress, daemon).await?;
+    } else {
+        download_through_daemon(client, missing, plan, progress).await?;
+    }
     Ok(report)
 }
 
@@ -987,26 +1004,7 @@ impl DownloadContext {
         let permits = Arc::new(Semaphore::new(PENDING_REGISTRATIONS_PER_STREAM));
         let mut registrations = JoinSet::new();
         for expected in &batch {
-            let item = body
-                .read_item::<DownloadItem>()
-                .await
-                .map_err(|e| self.import_error(&expected.path, e.into()))?;
-            let info = match item {
-                Some(DownloadItem::Path(info)) if info.path == expected.path => info,
-                Some(DownloadItem::NotValid(path)) => {
-                    return Err(CopyError::NotValidOnAgent {
-                        uri: self.client.uri().to_owned(),
-                        paths: vec![path],
-                    })
-                }
-                other => {
-                    return Err(CopyError::Agent(ClientError::Protocol {
-                        uri: self.client.uri().to_owned(),
-                        op: "download",
-                        reason: format!("expected {}, got {other:?}", expected.path),
-                    }))
-                }
-            };
+            let info = read_download_item(&self.client, &mut body, expected).await?;
             self.importer
                 .check_info(&info)
                 .map_err(|e| self.import_error(&info.path, e))?;
@@ -1073,6 +1071,204 @@ impl DownloadContext {
                 .map_err(|(path, e)| self.import_error(&path, e))?;
         }
         Ok(())
+    }
+}
+
+/// The `--from` route for users other than root: every downloaded path goes
+/// to the local Nix daemon with `AddToStoreNar`, which checks its hash and,
+/// for a user it does not trust, its signatures (as for
+/// `nix-copy-closure --from`). One daemon connection per stream; a path is
+/// sent once its references in the copy are valid.
+async fn download_through_daemon(
+    client: &Arc<AgentClient>,
+    missing: Vec<PathInfo>,
+    plan: &Plan,
+    progress: &Progress,
+) -> Result<(), CopyError> {
+    let in_copy: Arc<HashSet<StorePath>> =
+        Arc::new(missing.iter().map(|i| i.path.clone()).collect());
+    let registered = Arc::new(Registered::default());
+    let mut limits = BatchLimits::for_transfer(&missing, plan.jobs);
+    limits.max_paths = limits.max_paths.min(MAX_BATCH_PATHS);
+    let queue: Arc<Mutex<std::vec::IntoIter<Vec<PathInfo>>>> = Arc::new(Mutex::new(
+        batches(&missing, limits)
+            .into_iter()
+            .map(|range| missing[range].to_vec())
+            .collect::<Vec<_>>()
+            .into_iter(),
+    ));
+    let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
+    for _ in 0..plan.jobs {
+        let client = Arc::clone(client);
+        let in_copy = Arc::clone(&in_copy);
+        let registered = Arc::clone(&registered);
+        let progress = progress.clone();
+        let queue = Arc::clone(&queue);
+        let compression = plan.compression;
+        workers.spawn(async move {
+            let mut daemon = DaemonClient::connect_socket(DEFAULT_SOCKET)
+                .await
+                .map_err(CopyError::LocalStore)?;
+            loop {
+                // Batches in order: a path's references are in its batch
+                // or in one already under way.
+                let Some(batch) = lock(&queue).next() else {
+                    break;
+                };
+                let recv = client
+                    .download(batch.iter().map(|i| i.path.clone()).collect(), compression)
+                    .await?;
+                let mut body = BodyReader::new(recv, compression);
+                for expected in &batch {
+                    let info = read_download_item(&client, &mut body, expected).await?;
+                    let needed: Vec<StorePath> = info
+                        .references
+                        .iter()
+                        .filter(|r| **r != info.path && in_copy.contains(*r))
+                        .cloned()
+                        .collect();
+                    registered.wait(&needed).await;
+                    add_through_daemon(&mut daemon, &mut body, &info)
+                        .await
+                        .map_err(|e| match e {
+                            DaemonOrBody::Daemon(e)
+                                if e.to_string().contains("lacks a valid signature") =>
+                            {
+                                CopyError::Untrusted {
+                                    path: info.path.clone(),
+                                    source: Box::new(e),
+                                }
+                            }
+                            DaemonOrBody::Daemon(e) => daemon_error(e),
+                            DaemonOrBody::Body(e) => CopyError::Import {
+                                uri: client.uri().to_owned(),
+                                path: info.path.clone(),
+                                source: Box::new(e.into()),
+                            },
+                        })?;
+                    progress.bytes(info.nar_size);
+                    progress.path_done();
+                    registered.add(info.path.clone());
+                }
+            }
+            if let Err(e) = daemon.shutdown().await {
+                tracing::debug!("closing the daemon connection: {e}");
+            }
+            Ok(())
+        });
+    }
+    while let Some(joined) = workers.join_next().await {
+        joined.map_err(|e| CopyError::Internal(format!("download task: {e}")))??;
+    }
+    Ok(())
+}
+
+/// The next item of a Download body, which must be `expected`'s path.
+async fn read_download_item(
+    client: &AgentClient,
+    body: &mut BodyReader,
+    expected: &PathInfo,
+) -> Result<PathInfo, CopyError> {
+    let item = body
+        .read_item::<DownloadItem>()
+        .await
+        .map_err(|e| CopyError::Import {
+            uri: client.uri().to_owned(),
+            path: expected.path.clone(),
+            source: Box::new(e.into()),
+        })?;
+    match item {
+        Some(DownloadItem::Path(info)) if info.path == expected.path => Ok(info),
+        Some(DownloadItem::NotValid(path)) => Err(CopyError::NotValidOnAgent {
+            uri: client.uri().to_owned(),
+            paths: vec![path],
+        }),
+        other => Err(CopyError::Agent(ClientError::Protocol {
+            uri: client.uri().to_owned(),
+            op: "download",
+            reason: format!("expected {}, got {other:?}", expected.path),
+        })),
+    }
+}
+
+enum DaemonOrBody {
+    Daemon(DaemonError),
+    Body(nixq_common::transfer::receive::BodyError),
+}
+
+/// Streams the NAR of `info` (exactly `nar_size` bytes of `body`) into
+/// `AddToStoreNar`. Chunks go through a small channel: the body and the
+/// daemon connection are read and written at the same time.
+async fn add_through_daemon(
+    daemon: &mut DaemonClient,
+    body: &mut BodyReader,
+    info: &PathInfo,
+) -> Result<(), DaemonOrBody> {
+    let (tx, rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let produce = async move {
+        let mut left = info.nar_size;
+        while left > 0 {
+            match body.next_chunk(left).await {
+                Ok(chunk) => {
+                    left -= chunk.len() as u64;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        // The daemon side gave up; its error is the one.
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(std::io::Error::other("the download broke off")))
+                        .await;
+                    return Err(DaemonOrBody::Body(e));
+                }
+            }
+        }
+        Ok(())
+    };
+    let consume = async {
+        let mut reader = ChannelReader {
+            rx,
+            current: bytes::Bytes::new(),
+        };
+        daemon
+            .add_to_store_nar(info, &mut reader, false)
+            .await
+            .map_err(DaemonOrBody::Daemon)
+    };
+    let (produced, consumed) = tokio::join!(produce, consume);
+    produced?;
+    consumed
+}
+
+/// An `AsyncRead` over a channel of chunks; ends when the sender is gone.
+struct ChannelReader {
+    rx: mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl tokio::io::AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use bytes::Buf as _;
+        use std::task::Poll;
+        loop {
+            if !self.current.is_empty() {
+                let n = buf.remaining().min(self.current.len());
+                buf.put_slice(&self.current[..n]);
+                self.current.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => self.current = chunk,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

@@ -8,6 +8,9 @@
 //!   same NAR hashes, sizes, derivers and references, and passes
 //!   `nix-store --verify --check-contents`, in both directions; a second
 //!   `--to` sends nothing; the agent's counters match.
+//! * [`from_as_a_user_goes_through_the_daemon`]: `--from` by a user other
+//!   than root imports through the master's Nix daemon, which checks
+//!   signatures for users it does not trust.
 //! * [`concurrent_senders_send_each_path_once`]: 4 copies of overlapping
 //!   closures from two masters at once all succeed, and the agent received
 //!   each distinct path exactly once.
@@ -223,6 +226,97 @@ fn to_and_from(farm_name: &str, extra: &[&str]) {
         "{after_from:?}"
     );
     assert_eq!(after_from.nar_bytes_sent, nar_bytes(s1, &closure));
+}
+
+/// `--from` run by a user other than root goes through the master's Nix
+/// daemon (AddToStoreNar): a trusted user gets the closure, valid with the
+/// same registrations; a user the daemon does not trust is refused for the
+/// missing signatures, with nothing of the paths left behind.
+#[test]
+fn from_as_a_user_goes_through_the_daemon() {
+    const NOBODY: u32 = 65534;
+    let d = Deployment::new("copy-user", &["master"]);
+    let (master, s1) = (d.master(), d.s1());
+    // The user must be able to read its credentials: a copy under /nix,
+    // the only part of the host's tree that is not private to root.
+    let creds_dir = master.dir().join("nix/var/nixq-user");
+    std::fs::create_dir_all(&creds_dir).expect("creds dir");
+    for (from, name) in [(&d.creds.identity, "master.pem"), (&d.creds.ca, "ca.crt")] {
+        let to = creds_dir.join(name);
+        std::fs::copy(from, &to).expect("copy a credential");
+        std::os::unix::fs::chown(&to, Some(NOBODY), Some(NOBODY)).expect("chown");
+    }
+    let as_nobody = |root: &StorePath| {
+        let mut cmd = master.cmd(nixq_e2e::nixq_bin("nixq-copy-closure").expect("binary"));
+        cmd.args(["--from", &d.agent.uri()])
+            .args(["--identity", "/nix/var/nixq-user/master.pem"])
+            .args(["--ca", "/nix/var/nixq-user/ca.crt"])
+            .arg(root.as_str());
+        // After the host entry (which needs root): become nobody.
+        // SAFETY: setgroups, setgid and setuid are async-signal-safe and
+        // allocate nothing.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(NOBODY) != 0
+                    || libc::setuid(NOBODY) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        run_outcome(master, cmd, nixq::COPY_TIMEOUT).expect("ran")
+    };
+    let start_daemon = |trusted: &str| {
+        master
+            .append_nix_conf(&format!("trusted-users = {trusted}\n"))
+            .expect("nix.conf");
+        let daemon = master
+            .spawn("nix-daemon", master.cmd("nix-daemon"))
+            .expect("nix-daemon");
+        let socket = master.dir().join("nix/var/nix/daemon-socket/socket");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "no daemon socket after 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    };
+
+    // Trusted: the whole closure arrives, as for root.
+    let mut daemon = start_daemon("root nobody");
+    let (root, closure) = build_closure(s1, &ClosureSpec::new("user-trusted"));
+    let out = as_nobody(&root);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_copied(s1, master, &closure);
+    daemon
+        .terminate(Duration::from_secs(5))
+        .expect("stop the daemon");
+    std::fs::remove_file(master.dir().join("nix/var/nix/daemon-socket/socket"))
+        .expect("remove the socket");
+
+    // Untrusted: unsigned paths are refused by the daemon, and the error
+    // says so. (The `builtins.toFile` sources are content-addressed: Nix
+    // takes those from anyone.)
+    let _daemon = start_daemon("root");
+    let (root, closure) = build_closure(s1, &ClosureSpec::new("user-untrusted"));
+    let out = as_nobody(&root);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    eprintln!("untrusted --from: {:?}\n{}", out.code, out.stderr);
+    assert!(
+        out.stderr.contains("lacks a valid signature") && out.stderr.contains("trusted-users"),
+        "{out:?}"
+    );
+    let fresh: Vec<&StorePath> = closure
+        .iter()
+        .filter(|p| p.name().contains("user-untrusted") && !p.name().ends_with("-src"))
+        .collect();
+    assert!(!fresh.is_empty());
+    for path in fresh {
+        assert!(!master.is_valid(path).expect("validity"), "{path}");
+    }
+    assert_clean(master);
 }
 
 #[test]
