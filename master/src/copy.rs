@@ -930,6 +930,34 @@ impl Registered {
     }
 }
 
+/// What the Download streams of a `--from` copy share: the paths in the
+/// copy, which of them are valid already, and the batches not yet taken
+/// (dependency order; a path's references are in its batch or an earlier
+/// one).
+struct Downloads {
+    in_copy: Arc<HashSet<StorePath>>,
+    registered: Arc<Registered>,
+    queue: Arc<Mutex<std::vec::IntoIter<Vec<PathInfo>>>>,
+}
+
+impl Downloads {
+    fn new(missing: &[PathInfo], jobs: usize) -> Self {
+        let mut limits = BatchLimits::for_transfer(missing, jobs);
+        limits.max_paths = limits.max_paths.min(MAX_BATCH_PATHS);
+        Self {
+            in_copy: Arc::new(missing.iter().map(|i| i.path.clone()).collect()),
+            registered: Arc::new(Registered::default()),
+            queue: Arc::new(Mutex::new(
+                batches(missing, limits)
+                    .into_iter()
+                    .map(|range| missing[range].to_vec())
+                    .collect::<Vec<_>>()
+                    .into_iter(),
+            )),
+        }
+    }
+}
+
 async fn download_all(
     client: &Arc<AgentClient>,
     missing: Vec<PathInfo>,
@@ -939,18 +967,11 @@ async fn download_all(
 ) -> Result<(), CopyError> {
     let store_dir = StoreDir::new(STORE_DIR).map_err(|e| CopyError::Internal(e.to_string()))?;
     let importer = Importer::new(store_dir, RegistrationBatcher::spawn("nix-store".into()));
-    let in_copy: Arc<HashSet<StorePath>> =
-        Arc::new(missing.iter().map(|i| i.path.clone()).collect());
-    let registered = Arc::new(Registered::default());
-    let mut limits = BatchLimits::for_transfer(&missing, plan.jobs);
-    limits.max_paths = limits.max_paths.min(MAX_BATCH_PATHS);
-    let queue: Arc<Mutex<std::vec::IntoIter<Vec<PathInfo>>>> = Arc::new(Mutex::new(
-        batches(&missing, limits)
-            .into_iter()
-            .map(|range| missing[range].to_vec())
-            .collect::<Vec<_>>()
-            .into_iter(),
-    ));
+    let Downloads {
+        in_copy,
+        registered,
+        queue,
+    } = Downloads::new(&missing, plan.jobs);
     let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
     for _ in 0..plan.jobs {
         let ctx = DownloadContext {
@@ -1085,18 +1106,11 @@ async fn download_through_daemon(
     plan: &Plan,
     progress: &Progress,
 ) -> Result<(), CopyError> {
-    let in_copy: Arc<HashSet<StorePath>> =
-        Arc::new(missing.iter().map(|i| i.path.clone()).collect());
-    let registered = Arc::new(Registered::default());
-    let mut limits = BatchLimits::for_transfer(&missing, plan.jobs);
-    limits.max_paths = limits.max_paths.min(MAX_BATCH_PATHS);
-    let queue: Arc<Mutex<std::vec::IntoIter<Vec<PathInfo>>>> = Arc::new(Mutex::new(
-        batches(&missing, limits)
-            .into_iter()
-            .map(|range| missing[range].to_vec())
-            .collect::<Vec<_>>()
-            .into_iter(),
-    ));
+    let Downloads {
+        in_copy,
+        registered,
+        queue,
+    } = Downloads::new(&missing, plan.jobs);
     let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
     for _ in 0..plan.jobs {
         let client = Arc::clone(client);

@@ -863,6 +863,25 @@ fn lines_of(paths: &[StorePath]) -> String {
     paths.iter().map(|p| format!("{p}\n")).collect()
 }
 
+/// Checks that `outputs` are valid on the master with the NAR hash and
+/// references they have on `s1`; returns the master's registrations.
+fn assert_outputs_as_on_s1(
+    farm: &HookFarm,
+    outputs: &[StorePath],
+) -> BTreeMap<StorePath, nixq_e2e::nixq::Registration> {
+    let master = farm.master();
+    assert_eq!(master.valid_paths(outputs).expect("validity"), outputs);
+    let ours = registrations(master, outputs).expect("registrations");
+    let theirs = registrations(farm.host("s1"), outputs).expect("registrations");
+    for out in outputs {
+        assert_eq!(
+            (&ours[out].nar_hash, &ours[out].references),
+            (&theirs[out].nar_hash, &theirs[out].references)
+        );
+    }
+    ours
+}
+
 #[test]
 fn classic_and_line_protocols_build() {
     let farm = HookFarm::new("hook-classic", &[Slave::new("s1")]).expect("hook farm");
@@ -939,14 +958,8 @@ fn classic_and_line_protocols_build() {
         log.contains("building classic-top"),
         "the build log is on stderr: {log}"
     );
-    assert_eq!(master.valid_paths(&outputs).expect("validity"), outputs);
-    let ours = registrations(master, &outputs).expect("registrations");
-    let theirs = registrations(farm.host("s1"), &outputs).expect("registrations");
+    let ours = assert_outputs_as_on_s1(&farm, &outputs);
     for out in &outputs {
-        assert_eq!(
-            (&ours[out].nar_hash, &ours[out].references),
-            (&theirs[out].nar_hash, &theirs[out].references)
-        );
         assert!(
             ours[out]
                 .references
@@ -1066,14 +1079,6 @@ fn classic_and_line_protocols_build() {
         built.contains("building line-top"),
         "fd 4 carries the build log: {built:?}"
     );
-    assert_eq!(master.valid_paths(&outputs).expect("validity"), outputs);
-    let ours = registrations(master, &outputs).expect("registrations");
-    let theirs = registrations(farm.host("s1"), &outputs).expect("registrations");
-    for out in &outputs {
-        assert_eq!(
-            (&ours[out].nar_hash, &ours[out].references),
-            (&theirs[out].nar_hash, &theirs[out].references)
-        );
-    }
+    assert_outputs_as_on_s1(&farm, &outputs);
     master.verify_store().expect("verify");
 }
