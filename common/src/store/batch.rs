@@ -12,12 +12,17 @@
 //!
 //! If a batch fails, its entries are retried one by one, so one bad entry
 //! fails alone.
+//!
+//! The next call's `nix-store` is started as soon as a call ends (and when
+//! the batcher starts), so its start-up overlaps the wait for the next
+//! batch ([`Registrar`]); one left waiting for [`WARM_FOR`] is let go.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::register::{register_validity, Registration};
+use super::register::{register_validity, Registrar, Registration};
 use crate::store_path::StorePath;
 
 /// Most paths in one `nix-store` call: bounds the stdin text (a few hundred
@@ -46,10 +51,22 @@ pub enum BatchError {
 
 impl RegistrationBatcher {
     /// Start the batching task on the current tokio runtime. `nix_store` is
-    /// the program run for each batch.
+    /// the program run for each batch; one is kept started ahead of the
+    /// next batch (see the module doc).
     pub fn spawn(nix_store: String) -> Self {
+        Self::start(nix_store, true)
+    }
+
+    /// Like [`RegistrationBatcher::spawn`] for a caller that submits one
+    /// batch (a build's outputs): a `nix-store` is started ahead of it, but
+    /// none after it.
+    pub fn spawn_for_one_batch(nix_store: String) -> Self {
+        Self::start(nix_store, false)
+    }
+
+    fn start(nix_store: String, rewarm: bool) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        tokio::spawn(run(nix_store, rx));
+        tokio::spawn(run(nix_store, rx, rewarm));
         Self { tx }
     }
 
@@ -104,8 +121,36 @@ impl Queued {
     }
 }
 
-async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>) {
-    while let Some(first) = rx.recv().await {
+/// How long a warm `nix-store` ([`Registrar`]) waits for the next batch
+/// before it is let go: long enough for the next batch of a busy upload or
+/// for a build's outputs, short enough not to hold the store's big lock
+/// while the agent idles.
+const WARM_FOR: Duration = Duration::from_secs(5);
+
+async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>, rewarm: bool) {
+    // Each call's start-up (15-20 ms) overlaps the wait for the next batch.
+    let mut warm = Registrar::spawn(&nix_store).ok();
+    loop {
+        let first = match warm.take() {
+            Some(registrar) => match tokio::time::timeout(WARM_FOR, rx.recv()).await {
+                Ok(Some(first)) => {
+                    warm = Some(registrar);
+                    first
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    drop(registrar);
+                    match rx.recv().await {
+                        Some(first) => first,
+                        None => break,
+                    }
+                }
+            },
+            None => match rx.recv().await {
+                Some(first) => first,
+                None => break,
+            },
+        };
         let mut batch = vec![first];
         // Whatever queued up while the previous call ran. Waiting a few
         // milliseconds for more (a linger) was measured and lost: small
@@ -121,13 +166,16 @@ async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>) {
         let (regs, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let order = references_first(&regs);
         let ordered: Vec<Registration> = order.iter().map(|&i| regs[i].clone()).collect();
-        let results = register_batch(&nix_store, &ordered).await;
+        let results = register_batch(&nix_store, warm.take(), &ordered).await;
         let mut by_index: Vec<Option<Result<(), String>>> = vec![None; regs.len()];
         for (&i, result) in order.iter().zip(results) {
             by_index[i] = Some(result);
         }
         for (reply, result) in replies.into_iter().zip(by_index) {
             let _ = reply.send(result.unwrap_or_else(|| Err("lost in batch".to_owned())));
+        }
+        if rewarm {
+            warm = Registrar::spawn(&nix_store).ok();
         }
     }
 }
@@ -171,8 +219,18 @@ fn references_first(regs: &[Registration]) -> Vec<usize> {
     order
 }
 
-async fn register_batch(nix_store: &str, regs: &[Registration]) -> Vec<Result<(), String>> {
-    let batch_err = match register_validity(nix_store, regs).await {
+/// Registers `regs` with `warm` (or a `nix-store` started now); if that
+/// fails, one by one.
+async fn register_batch(
+    nix_store: &str,
+    warm: Option<Registrar>,
+    regs: &[Registration],
+) -> Vec<Result<(), String>> {
+    let first_try = match warm {
+        Some(registrar) => registrar.register(regs).await,
+        None => register_validity(nix_store, regs).await,
+    };
+    let batch_err = match first_try {
         Ok(()) => return vec![Ok(()); regs.len()],
         Err(e) => e,
     };

@@ -8,4 +8,4 @@ pub mod register;
 
 pub use batch::{BatchError, RegistrationBatcher};
 pub use lock::PathLock;
-pub use register::{register_validity, Registration};
+pub use register::{register_validity, Registrar, Registration};

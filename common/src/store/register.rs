@@ -76,37 +76,66 @@ pub async fn register_validity(
     if entries.is_empty() {
         return Ok(());
     }
-    let mut child = local_store_command(nix_store)
-        .args(["--register-validity", "--hash-given"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| RegisterError::Spawn {
+    Registrar::spawn(nix_store)?.register(entries).await
+}
+
+/// A `nix-store --register-validity --hash-given` started ahead of time: it
+/// loads, reads its configuration and opens the database (15–20 ms, most of
+/// a small registration's cost), then waits for its input, so that the
+/// registration itself costs a few milliseconds when the paths are ready.
+/// Dropped unused, it reads an empty input and exits having done nothing.
+/// It holds the store's big lock shared while it waits, as every Nix
+/// process does: keep it waiting for seconds, not hours.
+#[derive(Debug)]
+pub struct Registrar {
+    program: String,
+    child: tokio::process::Child,
+}
+
+impl Registrar {
+    /// Starts the program on the local store.
+    pub fn spawn(nix_store: &str) -> Result<Self, RegisterError> {
+        let child = local_store_command(nix_store)
+            .args(["--register-validity", "--hash-given"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| RegisterError::Spawn {
+                program: nix_store.to_owned(),
+                source,
+            })?;
+        Ok(Self {
             program: nix_store.to_owned(),
-            source,
-        })?;
-    let text = registration_text(entries);
-    if let Some(mut stdin) = child.stdin.take() {
-        // A write error means nix-store died early; its status says why.
-        let _ = stdin.write_all(text.as_bytes()).await;
+            child,
+        })
     }
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|source| RegisterError::Spawn {
-            program: nix_store.to_owned(),
-            source,
-        })?;
-    if output.status.success() {
-        return Ok(());
+
+    /// Registers `entries` in one transaction and waits for the program to
+    /// exit.
+    pub async fn register(mut self, entries: &[Registration]) -> Result<(), RegisterError> {
+        let text = registration_text(entries);
+        if let Some(mut stdin) = self.child.stdin.take() {
+            // A write error means nix-store died early; its status says why.
+            let _ = stdin.write_all(text.as_bytes()).await;
+        }
+        let output =
+            self.child
+                .wait_with_output()
+                .await
+                .map_err(|source| RegisterError::Spawn {
+                    program: self.program.clone(),
+                    source,
+                })?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(RegisterError::Failed {
+            program: self.program,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
     }
-    Err(RegisterError::Failed {
-        program: nix_store.to_owned(),
-        status: output.status,
-        stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-    })
 }
 
 /// A `nix-store` (or other Nix CLI) command that operates on the local store

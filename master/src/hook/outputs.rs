@@ -89,15 +89,16 @@ pub fn wanted_infos(
 }
 
 /// Makes every path of `wanted` valid in the local store: those not valid
-/// yet are downloaded from `client` and registered in one call. `nix_store`
-/// is the program used for the registration.
+/// yet are downloaded from `client` and registered in one call through
+/// `batcher` (a fresh one, started early so that its `nix-store` is ready
+/// when the outputs are).
 pub async fn fetch_outputs(
     client: &AgentClient,
     built: &BTreeMap<String, PathInfo>,
     wanted: &[StorePath],
     daemon: &mut DaemonClient,
     compression: Compression,
-    nix_store: &str,
+    batcher: RegistrationBatcher,
 ) -> Result<OutputsReport, OutputsError> {
     let infos = wanted_infos(built, wanted)?;
     let wanted_set: BTreeSet<StorePath> = wanted.iter().cloned().collect();
@@ -112,10 +113,7 @@ pub async fn fetch_outputs(
         ..OutputsReport::default()
     };
     if !missing.is_empty() {
-        let importer = Importer::new(
-            daemon.store_dir().clone(),
-            RegistrationBatcher::spawn(nix_store.to_owned()),
-        );
+        let importer = Importer::new(daemon.store_dir().clone(), batcher);
         let verified = download(client, &missing, daemon, compression, &importer).await?;
         report.bytes = verified.iter().map(|v| v.info().nar_size).sum();
         report.fetched = verified.iter().map(|v| v.info().path.clone()).collect();

@@ -43,6 +43,7 @@ use nixq_common::path_info::PathInfo;
 use nixq_common::proto::{
     self, BuildEvent, BuildOutcome, BuildSettings, Compression, PathState, Refusal,
 };
+use nixq_common::store::RegistrationBatcher;
 use nixq_common::store_path::StorePath;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -1195,6 +1196,9 @@ impl Work<'_> {
         // closure nor the upload lock is needed, and the connection is
         // awaited only for the outputs, after the build.
         let mut daemon_task = DaemonTask(tokio::spawn(local_daemon()));
+        // Its `nix-store --register-validity` starts now and is ready for
+        // the outputs when the build is done.
+        let batcher = RegistrationBatcher::spawn_for_one_batch(NIX_STORE.to_owned());
         let states = if self.job.inputs.is_empty() {
             Vec::new()
         } else {
@@ -1265,7 +1269,7 @@ impl Work<'_> {
         let limit = transfer_deadline(out_bytes);
         let fetched = tokio::time::timeout(
             limit,
-            outputs::fetch_outputs(client, &built, &wanted, &mut daemon, compression, NIX_STORE),
+            outputs::fetch_outputs(client, &built, &wanted, &mut daemon, compression, batcher),
         )
         .await
         .map_err(|_| HookError::Timeout {
