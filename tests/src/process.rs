@@ -124,13 +124,31 @@ fn read_all(mut r: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
     })
 }
 
+/// `command` cut to [`ECHO_MAX`] characters for the echo line: a command
+/// given thousands of store paths would otherwise fill the log with them.
+/// Errors keep the whole command.
+fn shortened(command: &str) -> std::borrow::Cow<'_, str> {
+    match command.char_indices().nth(ECHO_MAX) {
+        Some((cut, _)) => format!(
+            "{} … ({} more characters)",
+            &command[..cut],
+            command.len() - cut
+        )
+        .into(),
+        None => command.into(),
+    }
+}
+
+/// The longest command echoed whole.
+const ECHO_MAX: usize = 400;
+
 /// Runs `cmd` (stdout and stderr captured) and checks that it exits with 0
 /// within `timeout`. Afterwards (and on timeout) its whole process group is
 /// killed, so background processes it started cannot hold the pipes open;
 /// long-running processes belong in [`Proc`].
 pub(crate) fn run(host: &str, mut cmd: Command, timeout: Duration) -> Result<Output> {
     let command = describe(&cmd);
-    eprintln!("[{host}] $ {command}");
+    eprintln!("[{host}] $ {}", shortened(&command));
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.process_group(0);
     let mut child = cmd.spawn().map_err(|source| Error::Spawn {
@@ -415,5 +433,20 @@ impl Drop for Proc {
             signal_group(self.pid(), libc::SIGKILL);
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_commands_are_shortened_for_the_echo_only() {
+        assert_eq!(shortened("nix-store -q"), "nix-store -q");
+        let long = format!("nix-store --check-validity {}", "/nix/store/x ".repeat(500));
+        let echoed = shortened(&long);
+        assert!(echoed.starts_with("nix-store --check-validity /nix/store/x"));
+        assert!(echoed.chars().count() < ECHO_MAX + 40, "{echoed}");
+        assert!(echoed.ends_with(&format!("({} more characters)", long.len() - ECHO_MAX)));
     }
 }
