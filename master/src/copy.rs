@@ -351,8 +351,9 @@ fn parse_store_path(store_dir: &StoreDir, text: &str) -> Result<StorePath, CopyE
 /// What a copy did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Paths in the closure.
-    pub closure: usize,
+    /// Paths in the closure; `None` when it was not listed because the
+    /// agent had every root (and so the whole closure) already.
+    pub closure: Option<usize>,
     /// Paths this copy transferred.
     pub copied: usize,
     /// NAR bytes this copy transferred.
@@ -410,31 +411,68 @@ fn check_store_dir(client: &AgentClient) -> Result<(), CopyError> {
 // --to
 
 async fn run_to(plan: &Plan, progress: &Progress) -> Result<Report, CopyError> {
-    // The closure and the connection are both latency; overlap them.
-    let closure = async {
+    // The local store and the connection are both latency; overlap them.
+    // The agent is asked about the roots at once: Nix makes a path valid
+    // only after its references, so if the agent has every root, it has
+    // their closures too and the copy is done without listing them (a
+    // no-op copy of 5,001 paths: 190 ms -> the cost of a connection).
+    let local = async {
         let mut daemon = local_daemon().await?;
-        let closure = closure_of(&mut daemon, plan.roots.clone(), plan.include_outputs).await;
-        tracing::debug!("closure queried");
-        // Waiting for a private `nix-daemon --stdio` to exit is off the
-        // critical path: the copy goes on meanwhile (if the process ends
-        // first, the child sees its input closed and exits by itself).
-        tokio::spawn(async move {
-            if let Err(e) = daemon.shutdown().await {
-                tracing::debug!("closing the daemon connection: {e}");
-            }
-        });
-        closure
+        let roots: BTreeSet<StorePath> = plan.roots.iter().cloned().collect();
+        let valid = daemon
+            .query_valid_paths(&roots)
+            .await
+            .map_err(daemon_error)?;
+        if let Some(path) = roots.into_iter().find(|r| !valid.contains(r)) {
+            return Err(CopyError::NotValidLocally {
+                path,
+                needed_by: None,
+            });
+        }
+        Ok(daemon)
     };
     let name = client_name();
-    let connect = async {
-        let client = AgentClient::connect(&plan.target, &name).await;
+    let remote = async {
+        let client = AgentClient::connect(&plan.target, &name).await?;
         tracing::debug!("connected");
-        client
+        check_store_dir(&client)?;
+        // With --include-outputs the closure can hold more than the
+        // roots' closures.
+        let has_roots = !plan.include_outputs
+            && client
+                .query_missing(&plan.roots, false)
+                .await?
+                .iter()
+                .all(|state| *state == PathState::Valid);
+        Ok::<_, CopyError>((client, has_roots))
     };
-    let (closure, client) = tokio::join!(closure, connect);
-    let closure = closure?;
-    let client = client?;
-    check_store_dir(&client)?;
+    let (daemon, remote) = tokio::join!(local, remote);
+    let mut daemon = daemon?;
+    let (client, has_roots) = remote?;
+    let closure = if has_roots {
+        tracing::debug!("the agent has every root");
+        None
+    } else {
+        let closure = closure_of(&mut daemon, plan.roots.clone(), plan.include_outputs).await?;
+        tracing::debug!("closure queried");
+        Some(closure)
+    };
+    // Waiting for a private `nix-daemon --stdio` to exit is off the
+    // critical path: the copy goes on meanwhile (if the process ends first,
+    // the child sees its input closed and exits by itself).
+    tokio::spawn(async move {
+        if let Err(e) = daemon.shutdown().await {
+            tracing::debug!("closing the daemon connection: {e}");
+        }
+    });
+    let Some(closure) = closure else {
+        client.close().await;
+        return Ok(Report {
+            closure: None,
+            copied: 0,
+            bytes: 0,
+        });
+    };
     tracing::debug!(
         paths = closure.len(),
         uri = client.uri(),
@@ -593,7 +631,7 @@ pub async fn send_closure(
         });
     }
     Ok(Report {
-        closure: total,
+        closure: Some(total),
         copied: tally.copied,
         bytes: tally.bytes,
     })
@@ -825,7 +863,7 @@ async fn run_from(plan: &Plan, progress: &Progress) -> Result<Report, CopyError>
         if !outputs.is_empty() {
             let (outputs, _absent) = client.query_path_infos(&outputs, true).await?;
             let more = fetch_missing(&client, &outputs, plan, progress, &daemon).await?;
-            report.closure += more.closure;
+            report.closure = Some(report.closure.unwrap_or(0) + more.closure.unwrap_or(0));
             report.copied += more.copied;
             report.bytes += more.bytes;
         }
@@ -876,7 +914,7 @@ async fn fetch_missing(
         .cloned()
         .collect();
     let report = Report {
-        closure: closure.len(),
+        closure: Some(closure.len()),
         copied: missing.len(),
         bytes: missing.iter().map(|i| i.nar_size).sum(),
     };

@@ -200,10 +200,15 @@ fn to_and_from(farm_name: &str, extra: &[&str]) {
     assert_eq!(after_to.nar_bytes_received, nar_bytes(master, &closure));
     assert_eq!(after_to.paths_received_already_valid, 0, "{after_to:?}");
 
-    // A second copy finds everything there and sends nothing.
+    // A second copy finds everything there and sends nothing: the agent
+    // has the root, so the closure is not even listed.
     let started = Instant::now();
-    copy_closure(master, &d.creds, Direction::To, &uri, &[root], extra).expect("no-op --to");
+    let verbose: Vec<&str> = extra.iter().copied().chain(["-v"]).collect();
+    let out =
+        copy_closure(master, &d.creds, Direction::To, &uri, &[root], &verbose).expect("no-op --to");
     eprintln!("no-op --to: {:.2?}", started.elapsed());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("nothing to copy"), "{said}");
     let after_noop = d.status().counters;
     assert_eq!(after_noop.paths_received, after_to.paths_received);
     assert_eq!(after_noop.paths_received_already_valid, 0);

@@ -37,13 +37,19 @@ fn main() -> ExitCode {
     match runtime.block_on(copy::run(&plan)) {
         Ok(report) => {
             if verbose || (!quiet && std::io::stderr().is_terminal() && report.copied > 0) {
-                eprintln!(
-                    "copied {} of {} paths ({:.1} MiB) in {:.2} s",
-                    report.copied,
-                    report.closure,
-                    report.bytes as f64 / f64::from(1 << 20),
-                    started.elapsed().as_secs_f64()
-                );
+                match report.closure {
+                    Some(closure) => eprintln!(
+                        "copied {} of {} paths ({:.1} MiB) in {:.2} s",
+                        report.copied,
+                        closure,
+                        report.bytes as f64 / f64::from(1 << 20),
+                        started.elapsed().as_secs_f64()
+                    ),
+                    None => eprintln!(
+                        "nothing to copy: the agent has every path asked for, so their closures too ({:.2} s)",
+                        started.elapsed().as_secs_f64()
+                    ),
+                }
             }
             ExitCode::from(exit::OK)
         }
