@@ -64,9 +64,12 @@ pub async fn serve(
         .await;
         return Ok(());
     }
-    let mut body = BodyReader::new(recv, upload.compression);
+    let body = BodyReader::new(recv, upload.compression);
     let (tx, rx) = mpsc::channel(MAX_PENDING);
-    let reader = read_items(ctx, &mut body, tx);
+    // The reader owns the body, so that its buffers (and a zstd decoder's
+    // window) go as soon as the last item is read, not when the last
+    // result is written.
+    let reader = read_items(ctx, body, tx);
     let writer = write_results(ctx, send, rx);
     tokio::pin!(reader, writer);
     let mut reading = true;
@@ -87,7 +90,7 @@ pub async fn serve(
 /// Reads items until `End` or the first failed one, importing each.
 async fn read_items(
     ctx: &Ctx,
-    body: &mut BodyReader,
+    mut body: BodyReader,
     results: mpsc::Sender<Pending>,
 ) -> Result<(), OpError> {
     let mut index = 0u32;
@@ -123,7 +126,7 @@ async fn read_items(
         };
         let span = tracing::debug_span!("path", store_path = %info.path);
         let t = std::time::Instant::now();
-        let imported = tracing::Instrument::instrument(import(ctx, body, info), span).await;
+        let imported = tracing::Instrument::instrument(import(ctx, &mut body, info), span).await;
         importing += t.elapsed();
         let pending = match imported {
             Ok(Imported::AlreadyValid) => Pending::Ready(index, UploadOutcome::AlreadyValid),
