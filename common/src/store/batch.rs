@@ -58,8 +58,9 @@ impl RegistrationBatcher {
     }
 
     /// Like [`RegistrationBatcher::spawn`] for a caller that submits one
-    /// batch (a build's outputs): a `nix-store` is started ahead of it, but
-    /// none after it.
+    /// batch (a build's outputs): a `nix-store` is started ahead of it and
+    /// waits for it however long that takes (the caller's lifetime bounds
+    /// it), but none is started after it.
     pub fn spawn_for_one_batch(nix_store: String) -> Self {
         Self::start(nix_store, false)
     }
@@ -131,8 +132,12 @@ async fn run(nix_store: String, mut rx: mpsc::Receiver<(Registration, Reply)>, r
     // Each call's start-up (15-20 ms) overlaps the wait for the next batch.
     let mut warm = Registrar::spawn(&nix_store).ok();
     loop {
+        // A one-batch batcher (the hook's) keeps its process for as long as
+        // the build takes: it lives no longer than the hook, which holds
+        // the outputs' locks anyway.
+        let patience = if rewarm { WARM_FOR } else { Duration::MAX };
         let first = match warm.take() {
-            Some(registrar) => match tokio::time::timeout(WARM_FOR, rx.recv()).await {
+            Some(registrar) => match tokio::time::timeout(patience, rx.recv()).await {
                 Ok(Some(first)) => {
                     warm = Some(registrar);
                     first
@@ -226,11 +231,18 @@ async fn register_batch(
     warm: Option<Registrar>,
     regs: &[Registration],
 ) -> Vec<Result<(), String>> {
-    let first_try = match warm {
+    let warm_was_used = warm.is_some();
+    let mut result = match warm {
         Some(registrar) => registrar.register(regs).await,
         None => register_validity(nix_store, regs).await,
     };
-    let batch_err = match first_try {
+    if result.is_err() && warm_was_used {
+        // The warm process may have died while it waited (a signal, the
+        // OOM killer): that says nothing about the entries. Once more with
+        // a fresh one before blaming them one by one.
+        result = register_validity(nix_store, regs).await;
+    }
+    let batch_err = match result {
         Ok(()) => return vec![Ok(()); regs.len()],
         Err(e) => e,
     };
@@ -273,6 +285,87 @@ mod tests {
             deriver: None,
             references: refs.iter().map(|r| p(r)).collect(),
         }
+    }
+
+    /// A stand-in for `nix-store` that fails without reading its input on
+    /// its first run (a warm process that died while it waited), then
+    /// reads its input and succeeds; every run is counted in `runs`.
+    fn flaky_nix_store(dir: &std::path::Path) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let runs = dir.join("runs");
+        let script = dir.join("nix-store");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho run >> {runs}\n\
+                 if [ \"$(wc -l < {runs})\" -eq 1 ]; then exit 1; fi\n\
+                 cat > /dev/null\n",
+                runs = runs.display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script.display().to_string()
+    }
+
+    fn runs(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("runs"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_dead_warm_process_does_not_fail_the_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batcher = RegistrationBatcher::spawn_for_one_batch(flaky_nix_store(dir.path()));
+        // Let the warm process start and die.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runs(dir.path()) < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the warm process never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        batcher
+            .register(reg("a", &[]))
+            .await
+            .expect("registered on the retry");
+        assert_eq!(runs(dir.path()), 2, "one warm run, one fresh run");
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_finds_a_process_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = dir.path().join("ok");
+        std::fs::write(
+            &ok,
+            "#!/bin/sh\necho run >> \"$(dirname \"$0\")/runs\"\ncat > /dev/null\n",
+        )
+        .expect("script");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&ok, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let batcher = RegistrationBatcher::spawn(ok.display().to_string());
+        batcher.register(reg("a", &[])).await.expect("first");
+        // The first batch used the process started with the batcher; the
+        // second finds the one started right after the first batch.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runs(dir.path()) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no process started ahead"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        batcher.register(reg("b", &["a"])).await.expect("second");
+        // And one is started for a third batch.
+        while runs(dir.path()) < 3 {
+            assert!(std::time::Instant::now() < deadline, "no third process");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(runs(dir.path()), 3);
     }
 
     #[test]
