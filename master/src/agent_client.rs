@@ -36,6 +36,17 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 /// idle timeout before it drops the connection's claims and roots.
 const CLOSE_SEND: Duration = Duration::from_millis(5);
 
+/// The name of the Upload operation in errors.
+const UPLOAD: &str = "upload";
+
+/// An Upload stream opened and announced, its body not sent yet
+/// ([`AgentClient::open_upload`]).
+#[derive(Debug)]
+pub struct UploadStream {
+    send: SendStream,
+    recv: RecvStream,
+}
+
 /// Where an agent is and how to authenticate to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentTarget {
@@ -411,12 +422,35 @@ impl AgentClient {
         options: &SendOptions,
         progress: impl FnMut(SendProgress) + Send + 'static,
     ) -> Result<UploadResult, ClientError> {
-        const OP: &str = "upload";
-        let count = items.len();
+        let stream = self.open_upload(options).await?;
+        self.upload_on(stream, items, options, progress).await
+    }
+
+    /// Opens an Upload stream, for [`AgentClient::upload_on`]. Streams are
+    /// numbered in the order they are opened and the agent takes them in
+    /// that order: a caller with several batches opens their streams in
+    /// dependency order, so that a batch whose references are in an
+    /// earlier one never holds the last stream the agent allows while the
+    /// earlier one waits for a stream.
+    pub async fn open_upload(&self, options: &SendOptions) -> Result<UploadStream, ClientError> {
         let request = Request::Upload(Upload {
             compression: options.compression,
         });
-        let (mut send, mut recv) = self.open(OP, &request).await?;
+        let (send, recv) = self.open(UPLOAD, &request).await?;
+        Ok(UploadStream { send, recv })
+    }
+
+    /// [`AgentClient::upload`] on a stream opened with
+    /// [`AgentClient::open_upload`] (with the same `options`).
+    pub async fn upload_on(
+        &self,
+        stream: UploadStream,
+        items: Vec<PathInfo>,
+        options: &SendOptions,
+        progress: impl FnMut(SendProgress) + Send + 'static,
+    ) -> Result<UploadResult, ClientError> {
+        let count = items.len();
+        let UploadStream { mut send, mut recv } = stream;
         let read = self.upload_replies(&mut recv, count);
         let write = async {
             let result = send_body(
@@ -476,7 +510,7 @@ impl AgentClient {
         recv: &mut RecvStream,
         count: usize,
     ) -> Result<(Vec<UploadOutcome>, Option<String>), ClientError> {
-        const OP: &str = "upload";
+        const OP: &str = UPLOAD;
         let mut outcomes = Vec::with_capacity(count);
         loop {
             let reply = match read::<UploadReply>(recv, &self.uri, OP).await {

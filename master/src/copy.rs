@@ -40,7 +40,7 @@ use nixq_common::transfer::send::{check_local_nar, SendOptions, SendProgress};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::agent_client::{AgentClient, AgentTarget, ClientError, UploadResult};
+use crate::agent_client::{AgentClient, AgentTarget, ClientError, UploadResult, UploadStream};
 use crate::batch::{batches, BatchLimits};
 use crate::progress::Progress;
 use crate::target::{self, Credentials, MachinesSource, TargetError};
@@ -205,7 +205,10 @@ pub enum CopyError {
         #[source]
         source: Box<DaemonError>,
     },
-    #[error("cannot import {path} from {uri}: {source}")]
+    #[error(
+        "cannot import {path} from {uri}: {source}{}",
+        sender_store_hint(source)
+    )]
     Import {
         uri: String,
         path: StorePath,
@@ -224,6 +227,17 @@ pub enum CopyError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// For a NAR that does not match what its sender said: where to look.
+/// (Senders do not hash what they send; the receiver does.)
+pub(crate) fn sender_store_hint(error: &ItemError) -> &'static str {
+    match error.outcome() {
+        Some(UploadOutcome::HashMismatch { .. } | UploadOutcome::SizeMismatch { .. }) => {
+            "; the sender's store may be corrupt (run `nix-store --verify --check-contents` there)"
+        }
+        _ => "",
+    }
 }
 
 fn needed_by_text(needed_by: &Option<StorePath>) -> String {
@@ -718,14 +732,24 @@ async fn upload_all(
                 Some(joined) = uploads.join_next() => upload_ended(joined)?,
             }
         };
+        // Opened here, in batch order (see `AgentClient::open_upload`).
+        let stream = client.open_upload(&options).await?;
         let client = Arc::clone(client);
         let batch = infos[range].to_vec();
         let options = options.clone();
         let progress = progress.clone();
         let tally = Arc::clone(tally);
         uploads.spawn(async move {
-            let result =
-                upload_batch(&client, batch, &options, &progress, &tally, writing_permit).await;
+            let result = upload_batch(
+                &client,
+                stream,
+                batch,
+                &options,
+                &progress,
+                &tally,
+                writing_permit,
+            )
+            .await;
             drop(open_permit);
             result
         });
@@ -752,6 +776,7 @@ fn upload_ended(
 /// results are in.
 async fn upload_batch(
     client: &AgentClient,
+    stream: UploadStream,
     batch: Vec<PathInfo>,
     options: &SendOptions,
     progress: &Progress,
@@ -762,7 +787,7 @@ async fn upload_batch(
     let last = batch.len().saturating_sub(1);
     let mut writing = Some(writing);
     let result = client
-        .upload(batch.clone(), options, move |event| match event {
+        .upload_on(stream, batch.clone(), options, move |event| match event {
             SendProgress::NarBytes(n) => bar.bytes(n),
             SendProgress::ItemWritten { index } if index >= last => drop(writing.take()),
             SendProgress::ItemWritten { .. } => {}
@@ -828,14 +853,24 @@ fn record_outcomes<'a>(
 }
 
 /// Re-reads `info`'s path from the local store after the agent found its
-/// NAR hash wrong: a corrupt local store is the error then.
+/// NAR hash wrong: a corrupt local store is the error then. If the check
+/// cannot tell (the path cannot be read), the agent's report stands.
 async fn check_local(info: &PathInfo, options: &SendOptions) -> Result<(), CopyError> {
     let location = options.location(&info.path);
     let info = info.clone();
-    tokio::task::spawn_blocking(move || check_local_nar(&info, &location))
-        .await
-        .map_err(|e| CopyError::Internal(format!("local hash check: {e}")))?
-        .map_err(|e| CopyError::Agent(ClientError::Send(e)))
+    let checked = tokio::task::spawn_blocking(move || check_local_nar(&info, &location)).await;
+    match checked {
+        Ok(Err(e)) if e.is_local_corruption() => Err(CopyError::Agent(ClientError::Send(e))),
+        Ok(Err(e)) => {
+            tracing::warn!("cannot re-check the local copy: {e}");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!("cannot re-check the local copy: {e}");
+            Ok(())
+        }
+        Ok(Ok(())) => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1183,9 +1218,7 @@ async fn download_through_daemon(
                     add_through_daemon(&mut daemon, &mut body, &info)
                         .await
                         .map_err(|e| match e {
-                            DaemonOrBody::Daemon(e)
-                                if e.to_string().contains("lacks a valid signature") =>
-                            {
+                            DaemonOrBody::Daemon(e) if is_signature_refusal(&e.to_string()) => {
                                 CopyError::Untrusted {
                                     path: info.path.clone(),
                                     source: Box::new(e),
@@ -1278,19 +1311,32 @@ async fn add_through_daemon(
         }
         Ok(())
     };
+    // Built elsewhere: not ultimately trusted here (as Nix's own copies
+    // record it).
+    let info = PathInfo {
+        ultimate: false,
+        ..info.clone()
+    };
     let consume = async {
         let mut reader = ChannelReader {
             rx,
             current: bytes::Bytes::new(),
         };
         daemon
-            .add_to_store_nar(info, &mut reader, false)
+            .add_to_store_nar(&info, &mut reader, false)
             .await
             .map_err(DaemonOrBody::Daemon)
     };
     let (produced, consumed) = tokio::join!(produce, consume);
     produced?;
     consumed
+}
+
+/// Whether a daemon error is its refusal of an unsigned path from a user
+/// it does not trust (Nix 2.8: "lacks a valid signature"; later: "lacks a
+/// signature by a trusted key").
+fn is_signature_refusal(message: &str) -> bool {
+    message.contains("lacks a valid signature") || message.contains("lacks a signature")
 }
 
 /// An `AsyncRead` over a channel of chunks; ends when the sender is gone.
@@ -1403,6 +1449,17 @@ mod tests {
         )
         .expect_err("not a store path");
         assert!(matches!(err, CopyError::NotAStorePath { .. }), "{err}");
+    }
+
+    #[test]
+    fn daemon_signature_refusals_are_recognised_in_both_wordings() {
+        assert!(is_signature_refusal(
+            "cannot add path '/nix/store/x' because it lacks a valid signature"
+        ));
+        assert!(is_signature_refusal(
+            "cannot add path '/nix/store/x' because it lacks a signature by a trusted key"
+        ));
+        assert!(!is_signature_refusal("hash mismatch importing path"));
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub enum OutputsError {
     Agent(#[source] ClientError),
     #[error("the agent sent {got} where {expected} was due")]
     Unexpected { expected: StorePath, got: String },
-    #[error("cannot import the output {path}: {source}")]
+    #[error(
+        "cannot import the output {path}: {source}{}",
+        crate::copy::sender_store_hint(source)
+    )]
     Import {
         path: StorePath,
         #[source]
