@@ -20,6 +20,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     nixq_common::telemetry::init(cli.log_format, cli.log_directive());
     raise_fd_limit();
+    nixq_common::alloc::limit_malloc_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -20,6 +20,7 @@
 //!
 //! Byte-level facts about Nix cite `shared/docs/nix-interfaces.md` by section (§N).
 
+pub mod alloc;
 pub mod daemon;
 pub mod drv;
 pub mod hash;

@@ -3,5 +3,6 @@
 //! `NIX_BUILD_HOOK` for the classic protocols); see [`nixq_master::hook`].
 
 fn main() -> std::process::ExitCode {
+    nixq_common::alloc::limit_malloc_arenas();
     nixq_master::hook::run::main()
 }

@@ -10,6 +10,7 @@ use nixq_master::copy::{self, CopyArgs, Plan};
 use nixq_master::exit;
 
 fn main() -> ExitCode {
+    nixq_common::alloc::limit_malloc_arenas();
     let args = CopyArgs::parse();
     let directive = match args.verbose {
         0 => "warn",
