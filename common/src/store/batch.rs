@@ -314,19 +314,25 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// Waits (at most 10 s) until the stand-in has run `n` times.
+    async fn wait_for_runs(dir: &std::path::Path, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while runs(dir) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stand-in nix-store ran {} times, not {n}",
+                runs(dir)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_dead_warm_process_does_not_fail_the_batch() {
         let dir = tempfile::tempdir().expect("tempdir");
         let batcher = RegistrationBatcher::spawn_for_one_batch(flaky_nix_store(dir.path()));
         // Let the warm process start and die.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while runs(dir.path()) < 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the warm process never ran"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for_runs(dir.path(), 1).await;
         batcher
             .register(reg("a", &[]))
             .await
@@ -351,20 +357,10 @@ mod tests {
         batcher.register(reg("a", &[])).await.expect("first");
         // The first batch used the process started with the batcher; the
         // second finds the one started right after the first batch.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while runs(dir.path()) < 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no process started ahead"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for_runs(dir.path(), 2).await;
         batcher.register(reg("b", &["a"])).await.expect("second");
         // And one is started for a third batch.
-        while runs(dir.path()) < 3 {
-            assert!(std::time::Instant::now() < deadline, "no third process");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for_runs(dir.path(), 3).await;
         assert_eq!(runs(dir.path()), 3);
     }
 
