@@ -27,8 +27,9 @@ use nixq_common::store_path::StorePath;
 use nixq_common::transfer::receive::BodyReader;
 use nixq_common::{net, tls};
 
-/// Settings for a root, single-user Nix with no network (§11).
-const NIX_CONFIG: &str = "build-users-group =\nsandbox = false\nsubstituters =\n";
+#[path = "../../common/tests/support/local_nix.rs"]
+mod local_nix;
+use local_nix::{nix, store_path, NIX_CONFIG};
 
 /// A closure with references (c → b → a, c → a, c → itself), plus `lone`
 /// for the corruption test and `build` for the build test (instantiated
@@ -57,51 +58,20 @@ in {
 }
 "#;
 
-fn can_run() -> bool {
-    let missing: Vec<&str> = [
-        "nix",
-        "nix-store",
-        "nix-build",
-        "nix-instantiate",
-        "unshare",
-        "nsenter",
-    ]
-    .into_iter()
-    .filter(|tool| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-    })
-    .collect();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if missing.is_empty() && root {
-        return true;
-    }
-    // A skipped test would be counted as a pass: fail instead, with the
-    // reason (CI=true or not).
-    panic!("agent tests need root (root: {root}) and these tools: {missing:?}");
-}
-
-/// A Nix command on the machine's own store.
-fn nix(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env_remove("NIX_REMOTE")
-        .output()
-        .expect("run nix");
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
+/// Fails (never skips) unless the machine can run these tests.
+fn require_nix() {
+    local_nix::require(
+        "agent tests",
+        true,
+        &[
+            "nix",
+            "nix-store",
+            "nix-build",
+            "nix-instantiate",
+            "unshare",
+            "nsenter",
+        ],
     );
-    String::from_utf8(output.stdout).expect("UTF-8")
-}
-
-fn store_path(text: &str) -> StorePath {
-    StorePath::parse_any(text.trim()).expect("store path")
 }
 
 /// A path of the outer store with its info and NAR.
@@ -502,9 +472,7 @@ fn paths(items: &[Item]) -> Vec<StorePath> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_claims_wait_and_corruption() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     let mut agent = Agent::start();
     let m1 = agent.connect().await;
@@ -671,9 +639,7 @@ async fn upload_claims_wait_and_corruption() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_with_live_log() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     let agent = Agent::start();
     let master = agent.connect().await;
@@ -831,9 +797,7 @@ async fn running_builds_drop_to_zero(master: &Master, within: Duration) -> Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_builds_free_their_slot_and_die() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     let mut agent = Agent::start();
     let master = agent.connect().await;
@@ -882,9 +846,7 @@ async fn cancelled_builds_free_their_slot_and_die() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     // Hello first.
     let agent = Agent::start();
     let master = agent.connect_only().await;
@@ -979,9 +941,7 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn throughput() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let agent = Agent::start();
     let master = agent.connect().await;
     let mb = |bytes: u64, secs: f64| bytes as f64 / secs / 1e6;

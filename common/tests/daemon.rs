@@ -21,8 +21,9 @@ use nixq_common::hash::NarHash;
 use nixq_common::path_info::PathInfo;
 use nixq_common::store_path::StorePath;
 
-/// Settings for a root, single-user Nix with no network (§11).
-const NIX_CONFIG: &str = "build-users-group =\nsandbox = false\nsubstituters =\n";
+#[path = "support/local_nix.rs"]
+mod local_nix;
+use local_nix::{nix, store_path as path, NIX_CONFIG};
 
 /// Derivations with `/bin/sh` builders using shell built-ins only (Nix sets
 /// no useful PATH): `c` refers to `b`, `a` and itself, `b` to `a` and a
@@ -46,31 +47,19 @@ in {
 }
 "#;
 
-/// Whether the machine can run these tests; panics under `CI=true` if not.
-fn can_run() -> bool {
-    let missing: Vec<&str> = [
-        "nix-daemon",
-        "nix-build",
-        "nix-store",
-        "nix-instantiate",
-        "unshare",
-    ]
-    .into_iter()
-    .filter(|tool| {
-        std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-    })
-    .collect();
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if missing.is_empty() && root {
-        return true;
-    }
-    // A skipped test would be counted as a pass: fail instead, with the
-    // reason (CI=true or not).
-    panic!("daemon tests need root (root: {root}) and these tools: {missing:?}");
+/// Fails (never skips) unless the machine can run these tests.
+fn require_nix() {
+    local_nix::require(
+        "daemon tests",
+        true,
+        &[
+            "nix-daemon",
+            "nix-build",
+            "nix-store",
+            "nix-instantiate",
+            "unshare",
+        ],
+    );
 }
 
 fn check(output: Output, what: &str) -> String {
@@ -81,21 +70,6 @@ fn check(output: Output, what: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("UTF-8 output")
-}
-
-/// A Nix command on the machine's own store.
-fn nix(program: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new(program)
-        .args(args)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env_remove("NIX_REMOTE")
-        .output()
-        .expect("run nix");
-    check(output, &format!("{program} {args:?}"))
-}
-
-fn path(text: &str) -> StorePath {
-    StorePath::parse_any(text.trim()).expect("store path")
 }
 
 fn paths(text: &str) -> BTreeSet<StorePath> {
@@ -255,9 +229,7 @@ impl LogSink {
 
 #[tokio::test]
 async fn handshake_negotiates_every_version() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     for minor in [21u8, 23, 26, 33, 34, 35, 38] {
         let mut client = main_client(ProtocolVersion::from_minor(minor)).await;
         // Nix 2.8 speaks 1.34 (§5.1).
@@ -293,9 +265,7 @@ async fn handshake_negotiates_every_version() {
 
 #[tokio::test]
 async fn queries_and_nar_export_match_nix_store() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     for minor in [21u8, 34] {
         let mut client = main_client(ProtocolVersion::from_minor(minor)).await;
@@ -414,9 +384,7 @@ async fn input_closure(main: &mut DaemonClient, drv: &Derivation) -> BTreeSet<St
 }
 
 async fn closure_copy_build_and_errors(dst_version: ProtocolVersion) {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     let mut main = main_client(ProtocolVersion::LATEST).await;
     let closure = main.query_closure([fx.c.clone()]).await.expect("closure");
@@ -552,9 +520,7 @@ async fn closure_copy_framed_at_1_23() {
 
 #[tokio::test]
 async fn build_paths_with_results_and_fallback() {
-    if !can_run() {
-        return;
-    }
+    require_nix();
     let fx = fixture();
     for minor in [34u8, 33] {
         // A fresh store per version, so the derivation really builds.

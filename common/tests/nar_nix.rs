@@ -16,19 +16,12 @@ use std::process::{Command, Stdio};
 use nixq_common::hash::NarHash;
 use nixq_common::nar::{dump_path, restore, Decoder};
 
-/// Whether `nix-store` can run; panics under CI when it cannot.
-fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    // A skipped test would be counted as a pass: fail instead (CI=true or not).
-    assert!(
-        ok,
-        "nix-store is not available: the real-Nix NAR tests need Nix (apt-get install nix-bin)"
-    );
-    ok
+#[path = "support/local_nix.rs"]
+mod local_nix;
+
+/// Fails (never skips) unless `nix-store` can run.
+fn require_nix() {
+    local_nix::require("the real-Nix NAR tests", false, &["nix-store"]);
 }
 
 fn nix_dump(path: &Path) -> Vec<u8> {
@@ -155,9 +148,7 @@ fn build_tree(root: &Path) {
 
 #[test]
 fn dump_is_byte_identical_to_nix_and_round_trips() {
-    if !have_nix() {
-        return;
-    }
+    require_nix();
     let tmp = tempfile::tempdir().expect("tempdir");
     let src = tmp.path().join("src");
     build_tree(&src);
@@ -214,9 +205,7 @@ fn dump_is_byte_identical_to_nix_and_round_trips() {
 
 #[test]
 fn real_store_paths_are_byte_identical() {
-    if !have_nix() {
-        return;
-    }
+    require_nix();
     let Ok(entries) = fs::read_dir("/nix/store") else {
         eprintln!("no /nix/store: nothing to compare");
         return;
