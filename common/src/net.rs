@@ -298,7 +298,6 @@ pub async fn connect(
     server_name: &str,
     timeout: Duration,
 ) -> Result<Connection, ConnectError> {
-    let start = Instant::now();
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|source| ConnectError::Setup {
@@ -311,19 +310,9 @@ pub async fn connect(
         confirmed(&conn).await?;
         Ok::<_, ConnectionError>(conn)
     };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(ConnectError::from_connection_error(
-            addr,
-            e,
-            start.elapsed(),
-        )),
-        // Dropping the attempt abandons the connection; quinn closes it.
-        Err(_) => Err(ConnectError::TimedOut {
-            addr,
-            after: start.elapsed(),
-        }),
-    }
+    // Dropping the attempt on timeout abandons the connection; quinn
+    // closes it.
+    handshake_within(addr, timeout, attempt).await
 }
 
 /// Resolves `host` and tries its addresses in turn until one connects or
@@ -367,12 +356,22 @@ pub async fn accept(
     incoming: quinn::Incoming,
     timeout: Duration,
 ) -> Result<Connection, ConnectError> {
-    let start = Instant::now();
     let addr = incoming.remote_address();
     let connecting = incoming
         .accept()
         .map_err(|e| ConnectError::Failed { addr, source: e })?;
-    match tokio::time::timeout(timeout, connecting).await {
+    handshake_within(addr, timeout, connecting).await
+}
+
+/// Runs a handshake (either side) with `addr` for at most `timeout`,
+/// mapping its failure or the timeout to a [`ConnectError`].
+async fn handshake_within(
+    addr: SocketAddr,
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = Result<Connection, ConnectionError>>,
+) -> Result<Connection, ConnectError> {
+    let start = Instant::now();
+    match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(ConnectError::from_connection_error(
             addr,
