@@ -1006,7 +1006,8 @@ impl Registered {
 /// What the Download streams of a `--from` copy share: the paths in the
 /// copy, which of them are valid already, and the batches not yet taken
 /// (dependency order; a path's references are in its batch or an earlier
-/// one).
+/// one). Cheap to clone.
+#[derive(Clone)]
 struct Downloads {
     in_copy: Arc<HashSet<StorePath>>,
     registered: Arc<Registered>,
@@ -1029,6 +1030,39 @@ impl Downloads {
             )),
         }
     }
+
+    /// The next batch, in order.
+    fn next_batch(&self) -> Option<Vec<PathInfo>> {
+        lock(&self.queue).next()
+    }
+
+    /// The references of `info` that are in this copy: what must be valid
+    /// before it is registered.
+    fn references_in_copy(&self, info: &PathInfo) -> Vec<StorePath> {
+        info.references
+            .iter()
+            .filter(|r| **r != info.path && self.in_copy.contains(*r))
+            .cloned()
+            .collect()
+    }
+
+    /// Runs `jobs` workers, each made by `worker` and sharing these
+    /// batches; returns the first error.
+    async fn run<F, Fut>(self, jobs: usize, worker: F) -> Result<(), CopyError>
+    where
+        F: Fn(Self) -> Fut,
+        Fut: std::future::Future<Output = Result<(), CopyError>> + Send + 'static,
+    {
+        let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
+        for _ in 0..jobs {
+            workers.spawn(worker(self.clone()));
+        }
+        while let Some(joined) = workers.join_next().await {
+            // Dropping the set aborts the other workers.
+            joined.map_err(|e| CopyError::Internal(format!("download task: {e}")))??;
+        }
+        Ok(())
+    }
 }
 
 async fn download_all(
@@ -1040,43 +1074,31 @@ async fn download_all(
 ) -> Result<(), CopyError> {
     let store_dir = StoreDir::new(STORE_DIR).map_err(|e| CopyError::Internal(e.to_string()))?;
     let importer = Importer::new(store_dir, RegistrationBatcher::spawn("nix-store".into()));
-    let Downloads {
-        in_copy,
-        registered,
-        queue,
-    } = Downloads::new(&missing, plan.jobs);
-    let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
-    for _ in 0..plan.jobs {
-        let ctx = DownloadContext {
-            client: Arc::clone(client),
-            importer: importer.clone(),
-            in_copy: Arc::clone(&in_copy),
-            registered: Arc::clone(&registered),
-            progress: progress.clone(),
-            daemon: Arc::clone(daemon),
-            compression: plan.compression,
-        };
-        let queue = Arc::clone(&queue);
-        workers.spawn(async move {
-            loop {
-                let Some(batch) = lock(&queue).next() else {
-                    return Ok(());
-                };
-                ctx.download_batch(batch).await?;
+    let downloads = Downloads::new(&missing, plan.jobs);
+    downloads
+        .run(plan.jobs, |downloads| {
+            let ctx = DownloadContext {
+                client: Arc::clone(client),
+                importer: importer.clone(),
+                downloads,
+                progress: progress.clone(),
+                daemon: Arc::clone(daemon),
+                compression: plan.compression,
+            };
+            async move {
+                while let Some(batch) = ctx.downloads.next_batch() {
+                    ctx.download_batch(batch).await?;
+                }
+                Ok(())
             }
-        });
-    }
-    while let Some(joined) = workers.join_next().await {
-        joined.map_err(|e| CopyError::Internal(format!("download task: {e}")))??;
-    }
-    Ok(())
+        })
+        .await
 }
 
 struct DownloadContext {
     client: Arc<AgentClient>,
     importer: Importer,
-    in_copy: Arc<HashSet<StorePath>>,
-    registered: Arc<Registered>,
+    downloads: Downloads,
     progress: Progress,
     daemon: Arc<tokio::sync::Mutex<DaemonClient>>,
     compression: Compression,
@@ -1119,7 +1141,7 @@ impl DownloadContext {
                     body.skip(info.nar_size)
                         .await
                         .map_err(|e| self.import_error(&info.path, e.into()))?;
-                    self.registered.add(info.path.clone());
+                    self.downloads.registered.add(info.path.clone());
                     self.progress.bytes(info.nar_size);
                     self.progress.path_done();
                     continue;
@@ -1138,14 +1160,9 @@ impl DownloadContext {
                 .acquire_owned()
                 .await
                 .map_err(|e| CopyError::Internal(e.to_string()))?;
-            let needed: Vec<StorePath> = info
-                .references
-                .iter()
-                .filter(|r| **r != info.path && self.in_copy.contains(*r))
-                .cloned()
-                .collect();
+            let needed = self.downloads.references_in_copy(&info);
             let importer = self.importer.clone();
-            let registered = Arc::clone(&self.registered);
+            let registered = Arc::clone(&self.downloads.registered);
             let progress = self.progress.clone();
             registrations.spawn(async move {
                 registered.wait(&needed).await;
@@ -1179,73 +1196,41 @@ async fn download_through_daemon(
     plan: &Plan,
     progress: &Progress,
 ) -> Result<(), CopyError> {
-    let Downloads {
-        in_copy,
-        registered,
-        queue,
-    } = Downloads::new(&missing, plan.jobs);
-    let mut workers: JoinSet<Result<(), CopyError>> = JoinSet::new();
-    for _ in 0..plan.jobs {
-        let client = Arc::clone(client);
-        let in_copy = Arc::clone(&in_copy);
-        let registered = Arc::clone(&registered);
-        let progress = progress.clone();
-        let queue = Arc::clone(&queue);
-        let compression = plan.compression;
-        workers.spawn(async move {
-            let mut daemon = DaemonClient::connect_socket(DEFAULT_SOCKET)
-                .await
-                .map_err(CopyError::LocalStore)?;
-            loop {
-                // Batches in order: a path's references are in its batch
-                // or in one already under way.
-                let Some(batch) = lock(&queue).next() else {
-                    break;
-                };
-                let recv = client
-                    .download(batch.iter().map(|i| i.path.clone()).collect(), compression)
-                    .await?;
-                let mut body = BodyReader::new(recv, compression);
-                for expected in &batch {
-                    let info = read_download_item(&client, &mut body, expected).await?;
-                    let needed: Vec<StorePath> = info
-                        .references
-                        .iter()
-                        .filter(|r| **r != info.path && in_copy.contains(*r))
-                        .cloned()
-                        .collect();
-                    registered.wait(&needed).await;
-                    add_through_daemon(&mut daemon, &mut body, &info)
-                        .await
-                        .map_err(|e| match e {
-                            DaemonOrBody::Daemon(e) if is_signature_refusal(&e.to_string()) => {
-                                CopyError::Untrusted {
-                                    path: info.path.clone(),
-                                    source: Box::new(e),
-                                }
-                            }
-                            DaemonOrBody::Daemon(e) => daemon_error(e),
-                            DaemonOrBody::Body(e) => CopyError::Import {
-                                uri: client.uri().to_owned(),
-                                path: info.path.clone(),
-                                source: Box::new(e.into()),
-                            },
-                        })?;
-                    progress.bytes(info.nar_size);
-                    progress.path_done();
-                    registered.add(info.path.clone());
+    let compression = plan.compression;
+    Downloads::new(&missing, plan.jobs)
+        .run(plan.jobs, |downloads| {
+            let client = Arc::clone(client);
+            let progress = progress.clone();
+            async move {
+                let mut daemon = DaemonClient::connect_socket(DEFAULT_SOCKET)
+                    .await
+                    .map_err(CopyError::LocalStore)?;
+                // Batches in order: a path's references are in its batch or
+                // in one already under way.
+                while let Some(batch) = downloads.next_batch() {
+                    let recv = client
+                        .download(batch.iter().map(|i| i.path.clone()).collect(), compression)
+                        .await?;
+                    let mut body = BodyReader::new(recv, compression);
+                    for expected in &batch {
+                        let info = read_download_item(&client, &mut body, expected).await?;
+                        downloads
+                            .registered
+                            .wait(&downloads.references_in_copy(&info))
+                            .await;
+                        add_through_daemon(&mut daemon, &mut body, &info, client.uri()).await?;
+                        progress.bytes(info.nar_size);
+                        progress.path_done();
+                        downloads.registered.add(info.path.clone());
+                    }
                 }
+                if let Err(e) = daemon.shutdown().await {
+                    tracing::debug!("closing the daemon connection: {e}");
+                }
+                Ok(())
             }
-            if let Err(e) = daemon.shutdown().await {
-                tracing::debug!("closing the daemon connection: {e}");
-            }
-            Ok(())
-        });
-    }
-    while let Some(joined) = workers.join_next().await {
-        joined.map_err(|e| CopyError::Internal(format!("download task: {e}")))??;
-    }
-    Ok(())
+        })
+        .await
 }
 
 /// The next item of a Download body, which must be `expected`'s path.
@@ -1276,19 +1261,16 @@ async fn read_download_item(
     }
 }
 
-enum DaemonOrBody {
-    Daemon(DaemonError),
-    Body(nixq_common::transfer::receive::BodyError),
-}
-
-/// Streams the NAR of `info` (exactly `nar_size` bytes of `body`) into
-/// `AddToStoreNar`. Chunks go through a small channel: the body and the
-/// daemon connection are read and written at the same time.
+/// Streams the NAR of `info` (exactly `nar_size` bytes of `body`, from the
+/// agent at `uri`) into `AddToStoreNar`. Chunks go through a small channel:
+/// the body and the daemon connection are read and written at the same
+/// time.
 async fn add_through_daemon(
     daemon: &mut DaemonClient,
     body: &mut BodyReader,
     info: &PathInfo,
-) -> Result<(), DaemonOrBody> {
+    uri: &str,
+) -> Result<(), CopyError> {
     let (tx, rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let produce = async move {
         let mut left = info.nar_size;
@@ -1305,7 +1287,11 @@ async fn add_through_daemon(
                     let _ = tx
                         .send(Err(std::io::Error::other("the download broke off")))
                         .await;
-                    return Err(DaemonOrBody::Body(e));
+                    return Err(CopyError::Import {
+                        uri: uri.to_owned(),
+                        path: info.path.clone(),
+                        source: Box::new(e.into()),
+                    });
                 }
             }
         }
@@ -1313,7 +1299,7 @@ async fn add_through_daemon(
     };
     // Built elsewhere: not ultimately trusted here (as Nix's own copies
     // record it).
-    let info = PathInfo {
+    let as_added = PathInfo {
         ultimate: false,
         ..info.clone()
     };
@@ -1323,9 +1309,18 @@ async fn add_through_daemon(
             current: bytes::Bytes::new(),
         };
         daemon
-            .add_to_store_nar(&info, &mut reader, false)
+            .add_to_store_nar(&as_added, &mut reader, false)
             .await
-            .map_err(DaemonOrBody::Daemon)
+            .map_err(|e| {
+                if is_signature_refusal(&e.to_string()) {
+                    CopyError::Untrusted {
+                        path: info.path.clone(),
+                        source: Box::new(e),
+                    }
+                } else {
+                    daemon_error(e)
+                }
+            })
     };
     let (produced, consumed) = tokio::join!(produce, consume);
     produced?;
