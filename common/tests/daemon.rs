@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Output;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use nixq_common::daemon::stderr::ACTIVITY_BUILD;
@@ -23,7 +22,7 @@ use nixq_common::store_path::StorePath;
 
 #[path = "support/local_nix.rs"]
 mod local_nix;
-use local_nix::{nix, store_path as path, NIX_CONFIG};
+use local_nix::{check, nix, store_path as path, NIX_CONFIG};
 
 /// Derivations with `/bin/sh` builders using shell built-ins only (Nix sets
 /// no useful PATH): `c` refers to `b`, `a` and itself, `b` to `a` and a
@@ -60,16 +59,6 @@ fn require_nix() {
             "unshare",
         ],
     );
-}
-
-fn check(output: Output, what: &str) -> String {
-    assert!(
-        output.status.success(),
-        "{what} failed: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("UTF-8 output")
 }
 
 fn paths(text: &str) -> BTreeSet<StorePath> {

@@ -3,7 +3,7 @@
 //! Not every test file uses every item.
 #![allow(dead_code)]
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use nixq_common::store_path::StorePath;
 
@@ -43,9 +43,15 @@ pub(crate) fn nix(program: &str, args: &[&str]) -> String {
         .env_remove("NIX_REMOTE")
         .output()
         .expect("run nix");
+    check(output, &format!("{program} {args:?}"))
+}
+
+/// The stdout of a finished command; panics with its status and stderr if
+/// it failed. `what` names the command in the message.
+pub(crate) fn check(output: Output, what: &str) -> String {
     assert!(
         output.status.success(),
-        "{program} {args:?} failed: {}\n{}",
+        "{what} failed: {}\n{}",
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
