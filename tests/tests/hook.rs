@@ -882,6 +882,30 @@ fn assert_outputs_as_on_s1(
     ours
 }
 
+/// The `.drv` of `attr` in `expr`.
+fn instantiate_one(farm: &HookFarm, expr: &std::path::Path, attr: &str) -> StorePath {
+    farm.instantiate(expr, &["-A", attr])
+        .expect("instantiate")
+        .pop()
+        .expect("drv")
+}
+
+/// What Nix hands a classic or 1.x hook as the inputs of `drv`: the closure
+/// of its input outputs and of the derivation itself.
+fn hook_inputs(master: &Host, input_outputs: &[StorePath], drv: &StorePath) -> Vec<StorePath> {
+    let mut inputs: BTreeSet<StorePath> = master
+        .closure(input_outputs)
+        .expect("closure")
+        .into_iter()
+        .collect();
+    inputs.extend(
+        master
+            .closure(std::slice::from_ref(drv))
+            .expect("drv closure"),
+    );
+    inputs.into_iter().collect()
+}
+
 #[test]
 fn classic_and_line_protocols_build() {
     let farm = HookFarm::new("hook-classic", &[Slave::new("s1")]).expect("hook farm");
@@ -920,28 +944,14 @@ fn classic_and_line_protocols_build() {
         .expect("system")
         .trim_matches('"')
         .to_owned();
-    let drv = farm
-        .instantiate(&expr, &["-A", "top"])
-        .expect("instantiate")
-        .pop()
-        .expect("drv");
+    let drv = instantiate_one(&farm, &expr, "top");
     let outputs = outputs_of(master, &drv);
     assert!(!master.is_valid(&outputs[0]).expect("validity"));
 
     let mut hook = ClassicHook::start(&farm, "hook-classic", &system, &drv);
     assert_eq!(hook.reply(), "accept\n");
     // Nix writes the files, then says okay (§3.1).
-    let mut inputs: BTreeSet<StorePath> = master
-        .closure(&dep_out)
-        .expect("closure")
-        .into_iter()
-        .collect();
-    inputs.extend(
-        master
-            .closure(std::slice::from_ref(&drv))
-            .expect("drv closure"),
-    );
-    let inputs: Vec<StorePath> = inputs.into_iter().collect();
+    let inputs = hook_inputs(master, &dep_out, &drv);
     std::fs::write(hook.dir.join("inputs"), lines_of(&inputs)).expect("inputs");
     std::fs::write(hook.dir.join("outputs"), lines_of(&outputs)).expect("outputs");
     std::fs::write(
@@ -972,11 +982,7 @@ fn classic_and_line_protocols_build() {
 
     // cancel: the hook exits cleanly and builds nothing.
     let before = farm.status("s1").expect("status").counters.builds_started;
-    let drv = farm
-        .instantiate(&expr, &["-A", "cancelled"])
-        .expect("instantiate")
-        .pop()
-        .expect("drv");
+    let drv = instantiate_one(&farm, &expr, "cancelled");
     let mut hook = ClassicHook::start(&farm, "hook-cancel", &system, &drv);
     assert_eq!(hook.reply(), "accept\n");
     hook.go("cancel\n");
@@ -996,11 +1002,7 @@ fn classic_and_line_protocols_build() {
     // The Nix 1.x line protocol (§3.3): request lines on stdin, replies on
     // stderr, then the inputs and the outputs as two lines; the builder log
     // on fd 4.
-    let drv = farm
-        .instantiate(&expr, &["-A", "line"])
-        .expect("instantiate")
-        .pop()
-        .expect("drv");
+    let drv = instantiate_one(&farm, &expr, "line");
     let outputs = outputs_of(master, &drv);
     let build_log = master.dir().join("line-build.log");
     let log_file = std::fs::File::create(&build_log).expect("build log file");
@@ -1039,19 +1041,7 @@ fn classic_and_line_protocols_build() {
         writeln!(stdin, "1 {system} {drv} ").expect("request");
         hook.wait_for_log("# accept", Duration::from_secs(30))
             .expect("accepted");
-        let inputs: Vec<StorePath> = {
-            let mut all: BTreeSet<StorePath> = master
-                .closure(&dep_out)
-                .expect("closure")
-                .into_iter()
-                .collect();
-            all.extend(
-                master
-                    .closure(std::slice::from_ref(&drv))
-                    .expect("drv closure"),
-            );
-            all.into_iter().collect()
-        };
+        let inputs = hook_inputs(master, &dep_out, &drv);
         let words = |paths: &[StorePath]| {
             paths
                 .iter()
