@@ -90,6 +90,21 @@ impl Deployment {
     fn status(&self) -> proto::AgentStatus {
         agent_status(self.master(), &self.creds, self.s1()).expect("agent status")
     }
+
+    /// `nixq-copy-closure --to` the agent of `root`'s closure, started in
+    /// the background on the master.
+    fn spawn_copy_to(&self, label: &str, root: &StorePath, extra: &[&str]) -> Proc {
+        let cmd = copy_command(
+            self.master(),
+            &self.creds,
+            Direction::To,
+            &self.agent.uri(),
+            std::slice::from_ref(root),
+            extra,
+        )
+        .expect("cmd");
+        self.master().spawn(label, cmd).expect("spawn copy")
+    }
 }
 
 /// Builds `spec`'s `root` on `host` and returns it and its closure.
@@ -508,16 +523,7 @@ fn killed_sender_leaves_nothing_and_a_rerun_completes() {
     let (master, s1) = (d.master(), d.s1());
     let (root, closure, big) = big_random_closure(master, "ksend");
     let uri = d.agent.uri();
-    let cmd = copy_command(
-        master,
-        &d.creds,
-        Direction::To,
-        &uri,
-        std::slice::from_ref(&root),
-        &["-v"],
-    )
-    .expect("cmd");
-    let mut copy = master.spawn("copy", cmd).expect("spawn copy");
+    let mut copy = d.spawn_copy_to("copy", &root, &["-v"]);
     wait_for_partial(s1, &big, 16 * MIB, &mut copy);
     copy.kill().expect("kill the sender");
     // The agent learns of the dead sender by the idle timeout (10 s here).
@@ -538,16 +544,7 @@ fn stopped_or_killed_agent_leaves_nothing_and_a_rerun_completes() {
 
     // SIGTERM mid-transfer: the agent aborts the upload, removes the partial
     // path and exits 0; the sender fails.
-    let cmd = copy_command(
-        master,
-        &d.creds,
-        Direction::To,
-        &uri,
-        std::slice::from_ref(&root),
-        &[],
-    )
-    .expect("cmd");
-    let mut copy = master.spawn("copy-term", cmd).expect("spawn copy");
+    let mut copy = d.spawn_copy_to("copy-term", &root, &[]);
     wait_for_partial(s1, &big, 16 * MIB, &mut copy);
     let stopped = Instant::now();
     let status = d
@@ -567,16 +564,7 @@ fn stopped_or_killed_agent_leaves_nothing_and_a_rerun_completes() {
     // SIGKILL mid-transfer: nothing can clean up at once; the restarted
     // agent and the rerun must cope with the leftovers.
     d.agent.restart(s1).expect("restart the agent");
-    let cmd = copy_command(
-        master,
-        &d.creds,
-        Direction::To,
-        &uri,
-        std::slice::from_ref(&root),
-        &[],
-    )
-    .expect("cmd");
-    let mut copy = master.spawn("copy-kill", cmd).expect("spawn copy");
+    let mut copy = d.spawn_copy_to("copy-kill", &root, &[]);
     wait_for_partial(s1, &big, 16 * MIB, &mut copy);
     d.agent.proc().kill().expect("SIGKILL the agent");
     let left = stray_store_entries(s1).expect("entries");
