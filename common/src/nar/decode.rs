@@ -720,23 +720,7 @@ mod tests {
 
     #[test]
     fn tree_events() {
-        let nar = Raw::magic()
-            .dir_start()
-            .entry("a")
-            .file(true, b"")
-            .entry_end()
-            .entry("b")
-            .dir_start()
-            .entry("c")
-            .symlink(b"../a")
-            .entry_end()
-            .dir_end()
-            .entry_end()
-            .entry("d")
-            .file(false, b"0123456789")
-            .entry_end()
-            .dir_end()
-            .0;
+        let nar = Raw::sample_tree();
         assert_eq!(
             events(&nar).expect("valid"),
             [

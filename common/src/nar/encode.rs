@@ -383,23 +383,7 @@ mod tests {
                 .regular(false, 10, &mut &b"0123456789"[..])?;
             dir.close()
         });
-        let expected = Raw::magic()
-            .dir_start()
-            .entry("a")
-            .file(true, b"")
-            .entry_end()
-            .entry("b")
-            .dir_start()
-            .entry("c")
-            .symlink(b"../a")
-            .entry_end()
-            .dir_end()
-            .entry_end()
-            .entry("d")
-            .file(false, b"0123456789")
-            .entry_end()
-            .dir_end()
-            .0;
+        let expected = Raw::sample_tree();
         assert_eq!(nar, expected);
         let mut decoder = Decoder::whole_container();
         assert_eq!(decoder.consume(&nar).expect("valid"), nar.len());

@@ -156,6 +156,29 @@ pub(crate) mod testing {
         pub(crate) fn entry_end(self) -> Self {
             self.s(b")")
         }
+
+        /// The NAR of a small tree with every kind of node:
+        /// `/a` (empty executable), `/b/c` (symlink to `../a`),
+        /// `/d` (the file `0123456789`).
+        pub(crate) fn sample_tree() -> Vec<u8> {
+            Self::magic()
+                .dir_start()
+                .entry("a")
+                .file(true, b"")
+                .entry_end()
+                .entry("b")
+                .dir_start()
+                .entry("c")
+                .symlink(b"../a")
+                .entry_end()
+                .dir_end()
+                .entry_end()
+                .entry("d")
+                .file(false, b"0123456789")
+                .entry_end()
+                .dir_end()
+                .0
+        }
     }
 
     /// Ways to cut `nar` into chunks: whole, at every split point into
