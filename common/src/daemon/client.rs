@@ -1222,6 +1222,18 @@ mod tests {
     use super::*;
     use crate::daemon::stderr::{STDERR_ERROR, STDERR_LAST, STDERR_NEXT};
 
+    /// A Nix 2.8 daemon's side of a completed handshake (§5.1: protocol
+    /// 1.34, its version string, STDERR_LAST), for replies to follow.
+    fn nix_2_8_handshake() -> Encoder {
+        let mut replies = Encoder::new();
+        replies
+            .u64(WORKER_MAGIC_2)
+            .u64(0x122)
+            .str("2.8.0")
+            .u64(STDERR_LAST);
+        replies
+    }
+
     /// A scripted daemon: `replies` are queued before the client starts and
     /// the reply direction is closed after them; what the client wrote can be
     /// read from the returned stream.
@@ -1332,12 +1344,7 @@ mod tests {
     async fn nix_errors_keep_the_connection_bad_replies_poison_it() {
         let path =
             StorePath::parse_any("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").expect("path");
-        let mut replies = Encoder::new();
-        replies
-            .u64(WORKER_MAGIC_2)
-            .u64(0x122)
-            .str("2.8.0")
-            .u64(STDERR_LAST);
+        let mut replies = nix_2_8_handshake();
         // IsValidPath: a structured error.
         replies
             .u64(STDERR_ERROR)
@@ -1369,12 +1376,7 @@ mod tests {
         let path =
             StorePath::parse_any("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").expect("path");
         let hash = NarHash::of(b"nar");
-        let mut replies = Encoder::new();
-        replies
-            .u64(WORKER_MAGIC_2)
-            .u64(0x122)
-            .str("2.8.0")
-            .u64(STDERR_LAST);
+        let mut replies = nix_2_8_handshake();
         replies
             .u64(STDERR_LAST)
             .u64(1)
@@ -1436,12 +1438,7 @@ mod tests {
                     .expect("path")
             })
             .collect();
-        let mut replies = Encoder::new();
-        replies
-            .u64(WORKER_MAGIC_2)
-            .u64(0x122)
-            .str("2.8.0")
-            .u64(STDERR_LAST);
+        let mut replies = nix_2_8_handshake();
         // Three AddTempRoot replies, the second a Nix error; then one more
         // for a lone root on the same connection.
         replies.u64(STDERR_LAST).u64(1);
